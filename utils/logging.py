@@ -1,0 +1,36 @@
+"""Console logging and tqdm progress bars (TensorBoard goes through ``accelerate``'s trackers)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str, level: int = logging.INFO) -> logging.Logger:
+    """A logger that prints to stderr once (no duplicate handlers on repeated calls)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return logger
+
+
+def progress(
+    iterable: Iterable[Any] | None = None,
+    total: int | None = None,
+    desc: str = "",
+    disable: bool = False,
+    unit: str = "it",
+    **kwargs: Any,
+) -> tqdm:
+    """A tqdm bar with the repo's defaults (rate shown in ``unit``/s, smooth rate estimate)."""
+    return tqdm(iterable, total=total, desc=desc, disable=disable, unit=unit, dynamic_ncols=True, **kwargs)
