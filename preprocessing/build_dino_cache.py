@@ -1,0 +1,81 @@
+"""Extract L2-normalised DINOv2 patch tokens of images into an LMDB cache (the REPA alignment targets).
+
+    python preprocessing/build_dino_cache.py --csv data/train_200k.csv --output_dir caches/dinov2_vitl14_224 \\
+        --dinov2_weights /models/dinov2_vitl14_pretrain.pth --variant vitl14 --resolution 224
+
+DINOv2's official eval transform (resize 256 bicubic, center crop 224, ImageNet mean/std; for another
+--resolution r the resize is round(r*256/224)), the final-LayerNorm patch tokens of the repo adapter
+(registers excluded), each token L2-normalised in fp32, stored in --dtype. The grid comes from the encoder:
+ViT-L/14 at 224 px gives 16x16 = 256 tokens of D=1024, i.e. a [256, 1024] record (512 KiB in fp16).
+
+Resumable (finished ids are skipped) and shardable: run K jobs with `--num_shards K --shard_index i` (or
+`accelerate launch --num_processes K ...`) on the same --output_dir; each writes its own LMDB shards and the
+cache is the union. To also build the latent cache, use preprocessing/build_caches.py (one decode per image).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+from datasets.lmdb_cache import LMDBCacheWriter  # noqa: E402
+from preprocessing.cache_jobs import (  # noqa: E402
+    DinoTokenEncoder,
+    TargetStats,
+    add_dino_args,
+    add_job_args,
+    job_rows,
+    print_storage_estimate,
+    resolve_device,
+    run_cache_job,
+    writer_id,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_job_args(parser)
+    parser.add_argument(
+        "--output_dir", required=True, help="Token cache directory (LMDB shards + metadata.json)."
+    )
+    add_dino_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[TargetStats]:
+    args = parse_args(argv)
+    rows, mine, num_shards, shard_index, image_root = job_rows(args)
+    encoder = DinoTokenEncoder(
+        args.dinov2_weights,
+        variant=args.variant,
+        resolution=args.resolution,
+        dtype=args.dtype,
+        device=resolve_device(args),
+        model_dtype=args.model_dtype,
+    )
+    print_storage_estimate([encoder], len(rows), len(mine))
+    writer = LMDBCacheWriter(
+        args.output_dir,
+        encoder.metadata,
+        shard_size=args.shard_size,
+        writer_id=writer_id(num_shards, shard_index),
+    )
+    return run_cache_job(
+        mine,
+        [(encoder, writer)],
+        image_root,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc=f"DINOv2 tokens [{shard_index + 1}/{num_shards}]",
+        show_progress=not args.no_progress,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Encode images into an LMDB cache of Stable Diffusion VAE latents (scaled, ready for the U-Net).
+
+    python preprocessing/encode_vae_latents.py --csv data/train_200k.csv --output_dir caches/sd15_latents_512 \\
+        --pretrained_model_name_or_path /models/stable-diffusion-v1-5 --resolution 512 --dtype float16
+
+Each image: shorter side resized to --resolution (bicubic), center crop, [-1, 1], VAE posterior. The record is
+`scaling_factor * (mean - shift_factor)` as [4, res/8, res/8] (the posterior mean: deterministic, so a resumed or
+re-run cache is bit-identical), or with --store_moments [2, 4, res/8, res/8] = (scaled mean, scaled std) so the
+dataset can draw `mean + std * eps`. Either way `SD15AlignedDataset` returns the scaled latent the U-Net expects.
+
+Resumable (finished ids are skipped) and shardable: run K jobs with `--num_shards K --shard_index i` (or
+`accelerate launch --num_processes K ...`) on the same --output_dir; each writes its own LMDB shards and the
+cache is the union. To also build the DINO cache, use preprocessing/build_caches.py (one decode per image).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+from datasets.lmdb_cache import LMDBCacheWriter  # noqa: E402
+from preprocessing.cache_jobs import (  # noqa: E402
+    TargetStats,
+    VAELatentEncoder,
+    add_job_args,
+    add_vae_args,
+    job_rows,
+    print_storage_estimate,
+    resolve_device,
+    run_cache_job,
+    writer_id,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_job_args(parser)
+    parser.add_argument(
+        "--output_dir", required=True, help="Latent cache directory (LMDB shards + metadata.json)."
+    )
+    add_vae_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[TargetStats]:
+    args = parse_args(argv)
+    rows, mine, num_shards, shard_index, image_root = job_rows(args)
+    encoder = VAELatentEncoder(
+        args.pretrained_model_name_or_path,
+        resolution=args.resolution,
+        dtype=args.dtype,
+        store_moments=args.store_moments,
+        subfolder=args.vae_subfolder,
+        device=resolve_device(args),
+        model_dtype=args.model_dtype,
+    )
+    print_storage_estimate([encoder], len(rows), len(mine))
+    writer = LMDBCacheWriter(
+        args.output_dir,
+        encoder.metadata,
+        shard_size=args.shard_size,
+        writer_id=writer_id(num_shards, shard_index),
+    )
+    return run_cache_job(
+        mine,
+        [(encoder, writer)],
+        image_root,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc=f"VAE latents [{shard_index + 1}/{num_shards}]",
+        show_progress=not args.no_progress,
+    )
+
+
+if __name__ == "__main__":
+    main()

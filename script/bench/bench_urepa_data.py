@@ -1,0 +1,280 @@
+"""U-REPA data-path benchmarks, measured side by side in one run.
+
+1. Loader vs raw LMDB: `SD15AlignedDataset` (latent + DINO tokens + CLIP row + CFG draw, through a DataLoader)
+   against raw sequential `txn.get` of the same two records per sample from the same shards. Records have the
+   real sizes: latent [4, 64, 64] fp16 (32 KiB) and DINOv2 ViT-L tokens [256, 1024] fp16 (512 KiB). Target >= 0.8x.
+2. One-pass cache building vs model-only: `run_cache_job` (JPEG decode in DataLoader workers, both transforms,
+   both encoders, LMDB commits) against the encoders alone on the same pre-decoded batches. Models have the real
+   architectures with random weights (no weights needed): SD-1.5's AutoencoderKL and DINOv2 (`--dino_variant`).
+   Target >= 0.9x.
+
+    python script/bench/bench_urepa_data.py                       # both, CPU-sized defaults
+    python script/bench/bench_urepa_data.py --skip_build --num_records 2000
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from datasets.lmdb_cache import LMDBCacheReader, LMDBCacheWriter, shared_readonly_env  # noqa: E402
+from datasets.sample_csv import read_sample_csv  # noqa: E402
+from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
+
+
+def write_synthetic_caches(root: Path, n: int) -> Path:
+    ids = [f"n{i % 1000:08d}_{i}" for i in range(n)]
+    with open(root / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "img_path", "class_id", "synset"])
+        w.writerows([sid, f"{sid}.JPEG", i % 1000, f"n{i % 1000:08d}"] for i, sid in enumerate(ids))
+    lat_meta = {
+        "kind": "vae_latent",
+        "encoder": "AutoencoderKL",
+        "latent_shape": [4, 64, 64],
+        "shape": [4, 64, 64],
+        "content": "mean",
+        "scaled": True,
+        "scaling_factor": 0.18215,
+        "dtype": "float16",
+        "resolution": 512,
+    }
+    dino_meta = {
+        "kind": "dino_tokens",
+        "encoder": "dinov2_vitl14",
+        "D": 1024,
+        "num_tokens": 256,
+        "grid": [16, 16],
+        "shape": [256, 1024],
+        "dtype": "float16",
+        "normalized": True,
+        "resolution": 224,
+        "patch": 14,
+    }
+    g = torch.Generator().manual_seed(0)
+    with (
+        LMDBCacheWriter(root / "lat", lat_meta, commit_every=64) as lw,
+        LMDBCacheWriter(root / "dino", dino_meta, commit_every=64) as dw,
+    ):
+        for sid in ids:
+            lw.put(sid, torch.randn(4, 64, 64, generator=g).half())
+            dw.put(sid, torch.nn.functional.normalize(torch.randn(256, 1024, generator=g), dim=-1).half())
+    torch.save({"embeddings": torch.randn(1001, 77, 768).half(), "null_index": 1000}, root / "clip.pt")
+    return root
+
+
+def raw_sequential(root: Path, ids: list[str], batch_size: int, keep_batch: bool) -> float:
+    """samples/s of reading both records of every id, in CSV order, as bytes (`txn.get`).
+
+    keep_batch=False drops each record right away (its buffer stays cache-hot: an upper bound no loader can
+    reach, since a loader must hand over a whole batch); keep_batch=True holds a batch's records until the
+    batch is complete, the least any loader has to do.
+    """
+    lat, dino = LMDBCacheReader(root / "lat"), LMDBCacheReader(root / "dino")
+    lat_shard, dino_shard = lat.locate(ids), dino.locate(ids)
+    lat_envs = [shared_readonly_env(p) for p in lat.shard_paths]
+    dino_envs = [shared_readonly_env(p) for p in dino.shard_paths]
+    start = time.perf_counter()
+    batch: list[bytes] = []
+    for sid, a, b in zip(ids, lat_shard, dino_shard):
+        key = sid.encode()
+        with lat_envs[a].begin() as txn:
+            x = txn.get(key)
+        with dino_envs[b].begin() as txn:
+            y = txn.get(key)
+        if keep_batch:
+            batch += [x, y]
+            if len(batch) == 2 * batch_size:
+                batch = []
+    return len(ids) / (time.perf_counter() - start)
+
+
+def loader_rate(loader: DataLoader) -> float:
+    start = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += batch["latent"].shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def bench_loader(args: argparse.Namespace, work: Path) -> None:
+    root = work / "loader"
+    root.mkdir()
+    t = time.perf_counter()
+    write_synthetic_caches(root, args.num_records)
+    print(
+        f"wrote {args.num_records} synthetic records (latent 32 KiB + tokens 512 KiB each) in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
+    ids = [r.id for r in read_sample_csv(root / "train.csv")]
+    ds = SD15AlignedDataset(
+        root / "train.csv", root / "lat", root / "dino", root / "clip.pt", cfg_dropout=0.1
+    )
+    bs = args.batch_size
+    raw_sequential(root, ids, bs, False)  # warm the page cache for both sides
+    med = lambda f: float(np.median([f() for _ in range(args.repeats)]))  # noqa: E731
+    raw_drop = med(lambda: raw_sequential(root, ids, bs, False))
+    raw_keep = med(lambda: raw_sequential(root, ids, bs, True))
+    print(
+        "\n## Loader vs raw sequential LMDB reads (same records, page cache warm, batch "
+        f"{bs}, {args.num_records} samples)"
+    )
+    print(
+        f"raw reads, record dropped at once: {raw_drop:.0f} samples/s; raw reads, batch held: {raw_keep:.0f} samples/s"
+    )
+    print("| loader | workers | samples/s | vs raw (batch held) | vs raw (dropped at once) |")
+    print("|---|---|---|---|---|")
+    for workers in args.loader_workers:
+        kw = {"num_workers": workers, "prefetch_factor": 4 if workers else None}
+        default = DataLoader(ds, batch_size=bs, shuffle=False, **kw)
+        batched = make_batched_loader(ds, bs, shuffle=False, drop_last=False, **kw)
+        for name, loader in (("DataLoader + default collate", default), ("make_batched_loader", batched)):
+            got = med(lambda loader=loader: loader_rate(loader))
+            print(f"| {name} | {workers} | {got:.0f} | {got / raw_keep:.2f}x | {got / raw_drop:.2f}x |")
+
+
+def write_jpegs(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        # ImageNet-typical 500x375 photo-like JPEG (smooth noise, so it compresses like a photo)
+        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        path = root / f"img_{i}.JPEG"
+        img.save(path, quality=90)
+        rows.append([f"img_{i}", str(path), 0, "n0"])
+    with open(root / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "img_path", "class_id", "synset"])
+        w.writerows(rows)
+    return root / "train.csv"
+
+
+def bench_build(args: argparse.Namespace, work: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from models.dinov2_encoder import DINOv2Encoder
+    from preprocessing.cache_jobs import (
+        DecodedImages,
+        DinoTokenEncoder,
+        VAELatentEncoder,
+        collate_images,
+        run_cache_job,
+    )
+
+    root = work / "build"
+    root.mkdir()
+    csv_path = write_jpegs(root, args.num_images)
+    rows = read_sample_csv(csv_path)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(  # SD-1.5's vae/config.json
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    vae_enc = VAELatentEncoder("sd15-random-weights", resolution=args.vae_resolution, vae=vae)
+    dino = DINOv2Encoder(variant=args.dino_variant, resolution=args.dino_resolution, input_range="0_1")
+    dino_enc = DinoTokenEncoder(
+        "random-weights", variant=args.dino_variant, resolution=args.dino_resolution, encoder=dino
+    )
+    encoders = [vae_enc, dino_enc]
+
+    # model-only: the same batches, decoded and transformed beforehand
+    decoded = DecodedImages(rows, root, [e.transform for e in encoders])
+    batches = [
+        collate_images([decoded[j] for j in range(i, min(i + args.build_batch, len(rows)))])
+        for i in range(0, len(rows), args.build_batch)
+    ]
+    for e, x in zip(encoders, batches[0].images):  # warm-up
+        e.encode(x[:2])
+    start = time.perf_counter()
+    for b in batches:
+        for e, x in zip(encoders, b.images):
+            e.encode(x)
+    model_rate = len(rows) / (time.perf_counter() - start)
+
+    writers = [LMDBCacheWriter(root / name, e.metadata) for name, e in (("lat", vae_enc), ("dino", dino_enc))]
+    start = time.perf_counter()
+    run_cache_job(
+        rows,
+        list(zip(encoders, writers)),
+        root,
+        batch_size=args.build_batch,
+        num_workers=args.build_workers,
+        show_progress=False,
+    )
+    job_rate = len(rows) / (time.perf_counter() - start)
+    print(
+        f"\n## One-pass cache building vs model-only ({args.num_images} JPEGs 500x375; VAE SD-1.5 architecture at "
+        f"{args.vae_resolution} px, DINOv2 {args.dino_variant} at {args.dino_resolution} px, random weights, "
+        f"batch {args.build_batch}, {args.build_workers} decode workers)"
+    )
+    print("| model-only (img/s) | one-pass build_caches job (img/s) | ratio (target >= 0.9) |")
+    print("|---|---|---|")
+    print(f"| {model_rate:.2f} | {job_rate:.2f} | {job_rate / model_rate:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--num_records", type=int, default=1000, help="Synthetic cache records for the loader bench."
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="Loader batch size.")
+    parser.add_argument(
+        "--loader_workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to try."
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="Repeats per measurement (median reported).")
+    parser.add_argument("--num_images", type=int, default=32, help="JPEGs for the cache-building bench.")
+    parser.add_argument("--build_batch", type=int, default=8, help="Encoder batch size in the build bench.")
+    parser.add_argument("--build_workers", type=int, default=1, help="Decode workers in the build bench.")
+    parser.add_argument("--vae_resolution", type=int, default=256, help="VAE input side in the build bench.")
+    parser.add_argument("--dino_variant", default="vitb14", help="DINOv2 architecture in the build bench.")
+    parser.add_argument(
+        "--dino_resolution", type=int, default=224, help="DINO input side in the build bench."
+    )
+    parser.add_argument("--skip_loader", action="store_true")
+    parser.add_argument("--skip_build", action="store_true")
+    parser.add_argument(
+        "--workdir", default=None, help="Scratch directory (default: a temporary one, removed)."
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    work = Path(tempfile.mkdtemp(prefix="bench_urepa_", dir=args.workdir))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, scratch {work}, "
+        f"load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)"
+    )
+    try:
+        if not args.skip_loader:
+            bench_loader(args, work)
+        if not args.skip_build:
+            bench_build(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
