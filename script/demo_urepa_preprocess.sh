@@ -18,13 +18,15 @@ mkdir -p "$OUT"
     --class_index_json "$TINY/imagenet/imagenet_class_index.json" --out "$OUT/train.csv"
 
 # both caches in one pass, split over 2 jobs run in parallel (each resumable; they share the output dirs)
+pids=()
 for i in 0 1; do
   "$PY" preprocessing/build_caches.py --csv "$OUT/train.csv" --num_shards 2 --shard_index $i \
       --latent_dir "$OUT/latents" --pretrained_model_name_or_path "$TINY/sd15" --vae_resolution 64 \
       --dino_dir "$OUT/dino" --dinov2_weights "$TINY/dinov2/dinov2_tiny14_pretrain.pth" --variant tiny14 \
       --dino_resolution 56 --batch_size 8 --num_workers 1 --shard_size 16 &
+  pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed shard fails the demo
 
 # class prompts "a photo of a {name}" + the null prompt (last row)
 "$PY" preprocessing/prepare_clip_embeddings.py --pretrained_model_name_or_path "$TINY/sd15" \
