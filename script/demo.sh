@@ -13,3 +13,13 @@ echo "== assets: tiny SD-1.5 pipeline, tiny DINOv2, synthetic MVTec AD and Image
 
 echo "== foundation: pipeline load + 2-step sample, DINOv2 adapter from an official-layout checkpoint"
 "$PYTHON" script/demo_foundation.py --assets "$TINY_ASSETS" --out "$DEMO_OUT/foundation"
+
+if [ -z "${SKIP_DINOVQ:-}" ]; then
+  echo "== DinoVQ: tokenizer training with PatchGAN + resume, latent-space DINOv2 head distillation"
+  bash script/demo_dinovq.sh "$DEMO_OUT/dinovq"
+fi
+
+if [ -z "${SKIP_UREPA:-}" ]; then
+  echo "== U-REPA preprocessing: ImageNet subset CSV, one-pass VAE + DINO LMDB caches, CLIP embeddings"
+  OUT="$DEMO_OUT/urepa" TINY="$TINY_ASSETS" bash script/demo_urepa_preprocess.sh
+fi

@@ -1,0 +1,325 @@
+"""Evaluate U-REPA SD-1.5 checkpoints: EMA sampling with interval CFG, FID/sFID, alignment, side-by-side grids.
+
+    python eval/evaluate_sd15.py --checkpoints outputs/sd15_repa_A/checkpoint-* \
+        --baseline outputs/sd15_repa_ablation_lambda0/checkpoint-60000 \
+        --ref_dir /data/ILSVRC/Data/CLS-LOC/val --num_ref 10000 --num_samples 10000 \
+        --inception_path ~/weights/inception-2015-12-05.pt --out_dir outputs/eval_A
+
+Writes to --out_dir: ``<run>/checkpoint-<step>.json`` (FID, sFID, settings), ``fid_vs_step.png`` over every JSON
+there, ``grid_<run>_<step>.png`` and ``comparison_grid.png`` (fixed seeds, one row per model), and with
+``--align_csv ...``: ``alignment.json`` (SVCCA of U-Net mid features vs DINO tokens) and ``tsne_<run>.png``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from eval.fid import fid_from_stats, inception_stats, plot_metric_vs_step, reference_stats, to_uint8_range  # noqa: E402
+from train.urepa.checkpoint import load_checkpoint_config, load_trainable  # noqa: E402
+from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents  # noqa: E402
+from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir  # noqa: E402
+from utils.checkpoint import atomic_write, checkpoint_step  # noqa: E402
+from utils.images import save_image_grid  # noqa: E402
+from utils.logging import get_logger, progress  # noqa: E402
+
+logger = get_logger("evaluate_sd15")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoints", nargs="+", required=True, help="train_sd15.py checkpoint directories.")
+    p.add_argument(
+        "--baseline", nargs="*", default=[], help="Baseline (lambda 0) checkpoints, evaluated the same way."
+    )
+    p.add_argument("--out_dir", required=True, help="Where JSON results, plots and grids go.")
+    p.add_argument(
+        "--pretrained", default=None, help="SD-1.5 dir/hub id; default: the one in the checkpoint config."
+    )
+    p.add_argument(
+        "--use_live_weights", action="store_true", help="Evaluate the live weights instead of the EMA."
+    )
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--sampler", choices=SAMPLERS, default="dpmsolver++", help="dpmsolver++ (fast), ddim, or ddpm."
+    )
+    g.add_argument(
+        "--num_steps",
+        type=int,
+        default=25,
+        help="Sampling steps (the seed's setting: --sampler ddpm --num_steps 250).",
+    )
+    g.add_argument(
+        "--cfg_scale", type=float, default=7.5, help="Classifier-free guidance scale (<= 1 disables CFG)."
+    )
+    g.add_argument("--guidance_low", type=float, default=0.0, help="CFG only where guidance_low <= t/T ...")
+    g.add_argument(
+        "--guidance_high",
+        type=float,
+        default=0.7,
+        help="... <= guidance_high (REPA's interval; 1.0 = everywhere).",
+    )
+    g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (same for every model).")
+    g.add_argument(
+        "--grid_classes",
+        type=int,
+        nargs="+",
+        default=[1, 88, 207, 279, 360, 387, 417, 980],
+        help="Class ids of the fixed-seed comparison grid.",
+    )
+    f = p.add_argument_group("FID / sFID")
+    f.add_argument(
+        "--num_samples", type=int, default=10_000, help="Generated images per checkpoint (0: no FID)."
+    )
+    f.add_argument("--ref_dir", default=None, help="Reference image folder, e.g. ILSVRC/Data/CLS-LOC/val.")
+    f.add_argument(
+        "--num_ref", type=int, default=10_000, help="Reference images (seeded subsample; 0 = all)."
+    )
+    f.add_argument(
+        "--ref_resolution", type=int, default=None, help="Reference crop size; default: the sample size."
+    )
+    f.add_argument("--stats_cache", default=".cache/fid_stats", help="Where reference statistics are cached.")
+    f.add_argument(
+        "--inception_path",
+        default=None,
+        help="Inception weights file (inception-2015-12-05.pt or pytorch-fid .pth); default: known caches. "
+        "'random' uses random weights (smoke tests only: the numbers mean nothing).",
+    )
+    a = p.add_argument_group("alignment (optional)")
+    a.add_argument(
+        "--align_csv", default=None, help="Sample CSV for the alignment analysis (e.g. a held-out subset)."
+    )
+    a.add_argument("--align_latent_dir", default=None, help="Latent cache for --align_csv.")
+    a.add_argument("--align_dino_dir", default=None, help="DINO token cache for --align_csv.")
+    a.add_argument(
+        "--clip_embeddings",
+        default=None,
+        help="CLIP embeddings file [K+1,77,dim] (default: the checkpoint config's data.clip_embeddings).",
+    )
+    a.add_argument("--align_num", type=int, default=64, help="Images used for SVCCA / t-SNE.")
+    a.add_argument(
+        "--align_timestep", type=int, default=250, help="Noise level t (of 1000) at which features are read."
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.num_samples and not args.ref_dir:
+        p.error("--ref_dir is required for FID/sFID (or pass --num_samples 0)")
+    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
+        p.error("need 0 <= --guidance_low <= --guidance_high <= 1")
+    return args
+
+
+class LoadedModel:
+    """A checkpoint's aligned U-Net with EMA weights, its VAE, scheduler and prompt table."""
+
+    def __init__(self, ckpt: Path, args: argparse.Namespace, run: str) -> None:
+        from train.urepa.data import load_clip_embeddings
+
+        self.ckpt, self.run = ckpt, run
+        self.step = checkpoint_step(ckpt)
+        self.cfg = load_checkpoint_config(ckpt)
+        sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
+        unet = load_unet(sd_dir)
+        align = float(self.cfg["loss"]["align_coeff"]) > 0
+        D, grid = int(self.cfg["model"]["D"]), tuple(self.cfg["model"]["grid"])
+        self.model = build_aligned_model(self.cfg["model"], unet, D, grid, align=align, verbose=False)
+        load_trainable(self.model, ckpt, use_ema=not args.use_live_weights)
+        self.model.to(args.device).eval()
+        self.vae = load_vae(sd_dir).to(args.device).eval()
+        self.scheduler = make_scheduler(
+            load_scheduler_config(sd_dir), args.sampler, self.cfg["loss"]["prediction"]
+        )
+        clip_path = args.clip_embeddings or self.cfg["data"].get("clip_embeddings")
+        self.table = load_clip_embeddings(clip_path)
+        self.num_classes = self.table.shape[0] - 1
+        size = int(unet.config.sample_size)
+        self.latent_shape = (int(unet.config.in_channels), size, size)
+        self.resolution = size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def generate(self, classes: torch.Tensor, args: argparse.Namespace, offset: int) -> torch.Tensor:
+        """Images in [-1,1]; sample i uses noise seeded by (seed, offset + i) so every model sees the same noise."""
+        dev = args.device
+        noise = torch.stack(
+            [
+                torch.randn(
+                    self.latent_shape,
+                    generator=torch.Generator().manual_seed(args.seed * 1_000_003 + offset + i),
+                )
+                for i in range(len(classes))
+            ]
+        ).to(dev)
+        cond = self.table[classes].to(dev, torch.float32)
+        null = self.table[-1].to(dev, torch.float32)
+        latents = sample_latents(
+            lambda x, t, c: self.model(x, t, c, return_tokens=False)[0],
+            cond,
+            null,
+            self.scheduler,
+            self.latent_shape,
+            num_steps=args.num_steps,
+            cfg_scale=args.cfg_scale,
+            guidance_low=args.guidance_low,
+            guidance_high=args.guidance_high,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed + offset),
+            noise=noise,
+        )
+        return decode_latents(self.vae, latents)
+
+
+def load_inception_for(args: argparse.Namespace):
+    from eval.inception import build_random_inception, load_inception
+
+    if args.inception_path == "random":
+        logger.warning("--inception_path random: random Inception weights, FID/sFID values are meaningless")
+        return build_random_inception(device=args.device), "random"
+    net = load_inception(args.inception_path, device=args.device)  # MissingWeightsError names the file
+    return net.eval(), str(args.inception_path or "default-cache")
+
+
+def evaluate_fid(lm: LoadedModel, args, inception, ref) -> dict[str, float]:
+    n = args.num_samples
+    classes = torch.arange(n) % lm.num_classes  # class-balanced, as the ImageNet references
+
+    def batches():
+        for start in progress(
+            range(0, n, args.batch_size), desc=f"sampling {lm.run}@{lm.step}", unit="batch"
+        ):
+            idx = classes[start : start + args.batch_size]
+            yield to_uint8_range(lm.generate(idx, args, offset=start))
+
+    return fid_from_stats(inception_stats(batches(), inception, args.device), ref)
+
+
+@torch.no_grad()
+def alignment_features(lm: LoadedModel, args) -> tuple[Any, Any]:
+    """Raw mid features on the DINO grid and the DINO tokens of --align_num cached images, [M, C] each."""
+    from datasets.sd15_aligned import SD15AlignedDataset
+    from eval.alignment import features_to_tokens
+    from losses.urepa import add_noise
+    from models.sd15_unet_aligned import capture_features
+
+    ds = SD15AlignedDataset(
+        args.align_csv,
+        args.align_latent_dir,
+        args.align_dino_dir,
+        args.clip_embeddings or lm.cfg["data"]["clip_embeddings"],
+        cfg_dropout=0.0,
+        sample_posterior=False,
+    )
+    n = min(args.align_num, len(ds))
+    batch = (
+        ds.get_batch(list(range(n)))
+        if hasattr(ds, "get_batch")
+        else torch.utils.data.default_collate([ds[i] for i in range(n)])
+    )
+    dino = batch["dino_tokens"]["mid"].float()
+    grid_side = int(round(dino.shape[1] ** 0.5))
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler.from_config(lm.scheduler.config).alphas_cumprod
+    x0 = batch["latent"].to(args.device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    t = torch.full((n,), args.align_timestep, dtype=torch.long, device=args.device)
+    with capture_features(lm.model.unet, ["mid"]) as feats:
+        lm.model.unet(
+            add_noise(x0, noise, ac, t),
+            t,
+            encoder_hidden_states=batch["encoder_hidden_states"].to(args.device),
+        )
+    u = features_to_tokens(feats["mid"], (grid_side, dino.shape[1] // grid_side))
+    return u.reshape(-1, u.shape[-1]).cpu().numpy(), dino.reshape(-1, dino.shape[-1]).numpy()
+
+
+def write_json(obj: Any, path: Path) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(Path(c), "aligned") for c in args.checkpoints] + [(Path(c), "baseline") for c in args.baseline]
+    for ckpt, _ in jobs:
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+    inception = ref = None
+    if args.num_samples:
+        inception, inception_id = load_inception_for(args)
+    summary: dict[str, Any] = {"results": [], "alignment": {}}
+    grids = []
+    for ckpt, kind in jobs:
+        run = f"{kind}:{ckpt.parent.name}"
+        t0 = time.perf_counter()
+        lm = LoadedModel(ckpt, args, run)
+        classes = torch.tensor([c % lm.num_classes for c in args.grid_classes])
+        images = lm.generate(classes, args, offset=10**9)  # fixed seeds shared by every model
+        grids.append(images)
+        save_image_grid(images, out_dir / f"grid_{kind}_{ckpt.parent.name}_{lm.step}.png", nrow=len(classes))
+        result: dict[str, Any] = dict(
+            run=run,
+            checkpoint=str(ckpt),
+            step=lm.step,
+            weights="live" if args.use_live_weights else "ema",
+            sampler=args.sampler,
+            num_steps=args.num_steps,
+            cfg_scale=args.cfg_scale,
+            guidance_interval=[args.guidance_low, args.guidance_high],
+            seed=args.seed,
+        )
+        if args.num_samples:
+            if ref is None:
+                ref = reference_stats(
+                    args.ref_dir,
+                    inception,
+                    args.ref_resolution or lm.resolution,
+                    args.num_ref or None,
+                    args.stats_cache,
+                    device=args.device,
+                    inception_id=inception_id,
+                )
+            result.update(
+                evaluate_fid(lm, args, inception, ref),
+                num_samples=args.num_samples,
+                num_ref=args.num_ref,
+                inception=inception_id,
+            )
+        if args.align_csv:
+            from eval.alignment import svcca_score, tsne_plot
+
+            u, d = alignment_features(lm, args)
+            result["svcca_mid"] = svcca_score(u, d)
+            tsne_plot(
+                u,
+                d,
+                out_dir / f"tsne_{kind}_{ckpt.parent.name}_{lm.step}.png",
+                title=f"{run} step {lm.step}: SVCCA {result['svcca_mid']:.3f}",
+            )
+            summary["alignment"][f"{run}@{lm.step}"] = result["svcca_mid"]
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(result, out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json")
+        logger.info(
+            json.dumps({k: v for k, v in result.items() if k in ("run", "step", "fid", "sfid", "svcca_mid")})
+        )
+        summary["results"].append(result)
+        del lm
+    save_image_grid(torch.cat(grids), out_dir / "comparison_grid.png", nrow=len(args.grid_classes))
+    all_results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*/checkpoint-*.json"))]
+    if any("fid" in r for r in all_results):
+        plot_metric_vs_step([r for r in all_results if "fid" in r], out_dir / "fid_vs_step.png")
+    if summary["alignment"]:
+        write_json(summary["alignment"], out_dir / "alignment.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Stage-2 generation: N (image, fg, mask) triplets of one defect type with the dual LoRA model
+# -> generate_data/<class>/<defect>/{image,fg,mask}/. Variables are overridable from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-.env/bin/python}
+MODEL_NAME=${MODEL_NAME:-models/stable-diffusion-v1-5}
+NAME=${NAME:-hazelnut}
+ANOMALY=${ANOMALY:-hole}
+OUTPUT_DIR=${OUTPUT_DIR:-all_generate}
+WEIGHTS_DIR=${WEIGHTS_DIR:-$OUTPUT_DIR/$NAME/stage2-$ANOMALY-dual}
+GEN_ROOT=${GEN_ROOT:-generate_data}
+NUM_IMAGES=${NUM_IMAGES:-500}
+SCHEDULER=${SCHEDULER:-ddim}
+STEPS=${STEPS:-50}
+GUIDANCE=${GUIDANCE:-2.5}
+SEED=${SEED:-0}
+BATCH_SIZE=${BATCH_SIZE:-8}
+
+if [ ! -d "$MODEL_NAME" ] && [[ "$MODEL_NAME" != */* || "$MODEL_NAME" == ./* || "$MODEL_NAME" == /* ]]; then
+  echo "Base model $MODEL_NAME not found. Put SD-1.5 (diffusers layout) there or set MODEL_NAME;" \
+       "for the tiny CPU demo run: bash script/demo_anomaly.sh" >&2
+  exit 1
+fi
+if [ ! -f "$WEIGHTS_DIR/dual_config.json" ]; then
+  echo "Stage-2 weights $WEIGHTS_DIR/dual_config.json not found: train with bash script/train/train_stage2-dual.sh" \
+       "or set WEIGHTS_DIR (the stage-2 --output_dir or one of its checkpoint-<step>/ dirs)." >&2
+  exit 1
+fi
+exec "$PY" eval/generate.py stage2 \
+  --pretrained_model_name_or_path "$MODEL_NAME" \
+  --weights_dir "$WEIGHTS_DIR" \
+  --mvtec_name "$NAME" \
+  --mvtec_anomaly_name "$ANOMALY" \
+  --output_root "$GEN_ROOT" \
+  --num_images "$NUM_IMAGES" \
+  --scheduler "$SCHEDULER" \
+  --num_inference_steps "$STEPS" \
+  --guidance_scale "$GUIDANCE" \
+  --seed "$SEED" \
+  --batch_size "$BATCH_SIZE" \
+  "$@"

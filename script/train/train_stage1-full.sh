@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Stage 1 (full): DreamBooth LoRA on one MVTec class's train/good images + DINOv2 perceptual loss.
+# The seed command, with MODEL_NAME, INSTANCE_DIR, NAME, OUTPUT_DIR overridable from the environment and
+# any extra flags passed through ("$@" comes last, so it overrides the defaults below).
+#   bash script/train/train_stage1-full.sh
+#   NAME=bottle bash script/train/train_stage1-full.sh --max_train_steps 3000
+# Demo on the tiny assets (CPU, minutes): see docs/anomaly_training.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+MODEL_NAME="${MODEL_NAME:-models/stable-diffusion-v1-5}"
+INSTANCE_DIR="${INSTANCE_DIR:-datasets/mvtec_ad}"
+NAME="${NAME:-hazelnut}"
+OUTPUT_DIR="${OUTPUT_DIR:-all_generate/}"
+PYTHON="${PYTHON:-.env/bin/python}"
+LAUNCH="${LAUNCH:-accelerate launch}"
+
+if [ ! -d "$MODEL_NAME" ] && [[ "$MODEL_NAME" != */* || "$MODEL_NAME" == models/* ]]; then
+  echo "error: Stable Diffusion 1.5 not found at MODEL_NAME=$MODEL_NAME" >&2
+  echo "  Download it in diffusers layout (e.g. huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir $MODEL_NAME)" >&2
+  echo "  or point MODEL_NAME at a local copy. Demo on the tiny model instead:" >&2
+  echo "    $PYTHON preprocessing/make_tiny_assets.py --out .cache/tiny" >&2
+  echo "    MODEL_NAME=.cache/tiny/sd15 INSTANCE_DIR=.cache/tiny/mvtec OUTPUT_DIR=outputs/demo LAUNCH=$PYTHON bash script/train/train_stage1-full.sh --resolution 64 --train_batch_size 2 --max_train_steps 20 --rank 4 --dinov2_model_name tiny14 --dinov2_weights .cache/tiny/dinov2/dinov2_tiny14_pretrain.pth --dinov2_feature_layers 1 3 --checkpointing_steps 10" >&2
+  exit 2
+fi
+if [ ! -d "$INSTANCE_DIR/$NAME" ]; then
+  echo "error: MVTec AD class dir $INSTANCE_DIR/$NAME not found (INSTANCE_DIR=$INSTANCE_DIR, NAME=$NAME)." >&2
+  echo "  Download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad and extract it to $INSTANCE_DIR," >&2
+  echo "  or use the synthetic one: $PYTHON preprocessing/make_tiny_assets.py --out .cache/tiny; INSTANCE_DIR=.cache/tiny/mvtec" >&2
+  exit 2
+fi
+
+# shellcheck disable=SC2086
+$LAUNCH train/stage1-full/train.py \
+  --mixed_precision="no" \
+  --mvtec_name="$NAME" \
+  --pretrained_model_name_or_path="$MODEL_NAME" \
+  --instance_data_dir="$INSTANCE_DIR" \
+  --output_dir="$OUTPUT_DIR/$NAME/stage1-full" \
+  --instance_prompt="a vfx" \
+  --resolution=512 \
+  --train_batch_size=8 \
+  --learning_rate=2e-5 \
+  --max_train_steps=5000 \
+  --rank 32 \
+  --train_text_encoder \
+  --use_dinov2_loss \
+  --dinov2_loss_weight=0.1 \
+  --dinov2_model_name="vitb14" \
+  --dinov2_loss_type="l2" \
+  --dinov2_feature_layers 3 6 9 11 \
+  "$@"

@@ -1,0 +1,178 @@
+"""Stage-1 and stage-2 trainers end to end on the tiny assets (CPU, a few steps).
+
+* resuming stage 1 from a mid-run checkpoint repeats the uninterrupted run's losses;
+* the final stage-1 LoRA loads into a stock StableDiffusionPipeline (load_lora_weights) and gives the same
+  U-Net as an independent implementation of LoRA (DualLoRAUNet, shared mode) fed the same file;
+* stage 2 started from a stage-1 checkpoint copies the LoRA into both branch sets and continues the step count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_main(rel: str):
+    spec = importlib.util.spec_from_file_location(rel.replace("/", "_").replace("-", "_"), REPO / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _common(tiny, out: Path, steps: int) -> list[str]:
+    return [
+        "--mixed_precision",
+        "no",
+        "--mvtec_name",
+        "hazelnut",
+        "--pretrained_model_name_or_path",
+        str(tiny["sd15"]),
+        "--instance_data_dir",
+        str(tiny["mvtec"]),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--max_train_steps",
+        str(steps),
+        "--rank",
+        "2",
+        "--train_text_encoder",
+        "--use_dinov2_loss",
+        "--dinov2_loss_weight",
+        "0.1",
+        "--dinov2_model_name",
+        "tiny14",
+        "--dinov2_loss_type",
+        "l2",
+        "--dinov2_feature_layers",
+        "1",
+        "3",
+        "--dinov2_weights",
+        str(tiny["dinov2_official"]),
+        "--dinov2_resolution",
+        "28",
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+    ]
+
+
+def _losses(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    assert (
+        _load_main("train/stage1-full/train.py")(
+            _common(tiny_assets, out, 4) + ["--instance_prompt", "a vfx"]
+        )
+        == 0
+    )
+    return out
+
+
+def test_stage1_resume_reproduces_losses(stage1_run, tiny_assets, tmp_path):
+    full = _losses(stage1_run)
+    assert sorted(full) == [1, 2, 3, 4]
+    assert (stage1_run / "checkpoint-2").is_dir() and (stage1_run / "checkpoint-4").is_dir()
+    assert all(
+        r["loss_dinov2"] > 0 and abs(r["loss"] - r["loss_mse"] - 0.1 * r["loss_dinov2"]) < 1e-5
+        for r in full.values()
+    )
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(stage1_run / "checkpoint-2", resumed / "checkpoint-2")
+    main = _load_main("train/stage1-full/train.py")
+    assert (
+        main(
+            _common(tiny_assets, resumed, 4)
+            + ["--instance_prompt", "a vfx", "--resume_from_checkpoint", "latest"]
+        )
+        == 0
+    )
+    again = _losses(resumed)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "loss_mse", "loss_dinov2"):
+            assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+@torch.no_grad()
+def test_stage1_lora_loads_into_stock_pipeline(stage1_run, tiny_assets):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from models.dual_lora import DualLoRAUNet
+    from train.anomaly.components import read_stage1_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_assets["sd15"], safety_checker=None)
+    pipe.load_lora_weights(stage1_run)
+    unet_sd, te_sd = read_stage1_lora(stage1_run)
+    assert te_sd, "the text-encoder LoRA was trained and must be saved"
+    ref = DualLoRAUNet(
+        UNet2DConditionModel.from_pretrained(tiny_assets["sd15"], subfolder="unet"),
+        rank=2,
+        dual_mode="shared",
+    )
+    ref.load_single_lora(unet_sd)
+    g = torch.Generator().manual_seed(0)
+    x, e, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g), torch.tensor([400])
+    out_pipe = pipe.unet(x, t, encoder_hidden_states=e).sample
+    torch.testing.assert_close(out_pipe, ref.forward_branch(x, t, e, "blend"), atol=1e-5, rtol=1e-4)
+    base = UNet2DConditionModel.from_pretrained(tiny_assets["sd15"], subfolder="unet")
+    assert (out_pipe - base(x, t, encoder_hidden_states=e).sample).abs().max() > 1e-4  # LoRA was trained
+
+
+def test_stage2_starts_from_stage1_checkpoint(stage1_run, tiny_assets, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.anomaly.components import read_stage1_lora
+
+    out = tmp_path / "stage2"
+    args = _common(tiny_assets, out, 5) + [
+        "--mvtec_anamaly_name",
+        "hole",
+        "--instance_prompt_blend",
+        "a vfx with sks",
+        "--instance_prompt_fg",
+        "sks",
+        "--resume_from_checkpoint",
+        str(stage1_run / "checkpoint-4"),
+        "--learning_rate",
+        "1e-12",
+    ]
+    assert _load_main("train/stage2-dual/train.py")(args) == 0
+    assert sorted(_losses(out)) == [5], "the step count continues from the stage-1 checkpoint (4)"
+    assert (out / "checkpoint-5" / "dual_config.json").is_file()
+    config = json.loads((out / "dual_config.json").read_text())
+    assert config["stage_start_step"] == 4 and config["dual_mode"] == "interrelated"
+    unet_sd, te_sd = read_stage1_lora(stage1_run / "checkpoint-4")
+    dual = load_file(str(out / "dual_unet.safetensors"))
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    for i in (0, 1):  # lr 1e-12: one step leaves the copied weights unchanged
+        torch.testing.assert_close(dual[f"unet.{name}.lora_A.{i}.weight"], unet_sd[f"{name}.lora_A.weight"])
+        torch.testing.assert_close(dual[f"unet.{name}.lora_B.{i}.weight"], unet_sd[f"{name}.lora_B.weight"])
+    te = load_file(str(out / "text_encoder_lora.safetensors"))
+    assert set(te) == set(te_sd)
+    for k in te:
+        torch.testing.assert_close(te[k], te_sd[k])
+    # interaction modules start as the identity (zero output projection)
+    proj = [v for k, v in dual.items() if k.endswith("proj_out.weight")]
+    assert proj and all(v.abs().max() < 1e-9 for v in proj)

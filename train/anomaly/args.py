@@ -1,0 +1,308 @@
+"""Command-line flags of the two anomaly-generation trainers (stage 1 full, stage 2 dual).
+
+Every flag of the seed commands is accepted verbatim (``--mvtec_anamaly_name`` keeps the seed's spelling),
+plus the usual diffusers DreamBooth-LoRA flags and the DINOv2-loss efficiency options.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from datasets.mvtec import FLIP_MODES, SPLIT_RULES
+from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
+from models.dual_lora import DUAL_MODES
+
+DINOV2_CHOICES = (
+    "vits14",
+    "vitb14",
+    "vitl14",
+    "vitg14",
+    "vits14_reg",
+    "vitb14_reg",
+    "vitl14_reg",
+    "vitg14_reg",
+    "tiny14",
+)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and data")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SD-1.5 in diffusers layout: a local dir (e.g. models/stable-diffusion-v1-5) or a hub id "
+        "present in the local HF cache (never downloaded).",
+    )
+    g.add_argument(
+        "--instance_data_dir", required=True, help="MVTec AD root (holds <class>/train/good, ...)."
+    )
+    g.add_argument("--mvtec_name", required=True, help="MVTec class, e.g. hazelnut.")
+    g.add_argument("--output_dir", required=True, help="Where checkpoints, final weights and logs go.")
+    g.add_argument("--resolution", type=int, default=512, help="Training resolution (multiple of 8).")
+    g.add_argument(
+        "--flip",
+        choices=FLIP_MODES,
+        default="horizontal",
+        help="Random flips (image, mask and fg get the same ones). 'both' adds vertical flips.",
+    )
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    g.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step."
+    )
+    g.add_argument(
+        "--learning_rate", type=float, default=1e-4, help="AdamW learning rate for the LoRA weights."
+    )
+    g.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the LR by batch size x accumulation x processes (diffusers convention).",
+    )
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant", help="LR schedule.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
+    g.add_argument(
+        "--max_train_steps",
+        type=int,
+        required=True,
+        help="Total optimizer steps (stage 2 counts on from the stage-1 checkpoint's step).",
+    )
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank, i.e. scale 1).")
+    g.add_argument(
+        "--train_text_encoder", action="store_true", help="Also train a LoRA on the CLIP text encoder."
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="U-Net (and trained text encoder) gradient checkpointing: less memory, slower.",
+    )
+    g.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="Precision of the frozen weights / autocast (default: accelerate config).",
+    )
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of data order, flips, noise and timesteps (each step's draws depend only on the "
+        "seed and the step, so a resumed run repeats the uninterrupted one).",
+    )
+
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save checkpoint-<step>/ (accelerate state) every N steps; the last step is always saved.",
+    )
+    g.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints."
+    )
+    g.add_argument(
+        "--report_to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, all, none."
+    )
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
+    g.add_argument(
+        "--validation_prompt", default=None, help="Prompt sampled every --validation_steps (PNG grid)."
+    )
+    g.add_argument("--validation_steps", type=int, default=500, help="Steps between validation samples.")
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    g.add_argument("--validation_inference_steps", type=int, default=25, help="Sampler steps for validation.")
+
+    g = parser.add_argument_group("DINOv2 perceptual loss")
+    g.add_argument("--use_dinov2_loss", action="store_true", help="Add the DINOv2 perceptual loss.")
+    g.add_argument(
+        "--dinov2_loss_weight", type=float, default=0.1, help="Weight of the DINOv2 term (added to MSE)."
+    )
+    g.add_argument(
+        "--dinov2_model_name",
+        choices=DINOV2_CHOICES,
+        default="vitb14",
+        help="DINOv2 variant (tiny14 is the test-only toy model of the demo).",
+    )
+    g.add_argument("--dinov2_loss_type", choices=LOSS_TYPES, default="l2", help="Feature distance.")
+    g.add_argument(
+        "--dinov2_feature_layers",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_FEATURE_LAYERS),
+        help="0-based DINOv2 blocks whose L2-normalised patch tokens are compared (checked vs depth).",
+    )
+    g.add_argument(
+        "--dinov2_weights",
+        default=None,
+        help="DINOv2 weights: official .pth, HF dir or hub id in the local cache; default: the "
+        "torch.hub cache file dinov2_<variant>_pretrain.pth.",
+    )
+    g.add_argument(
+        "--dinov2_resolution",
+        type=int,
+        default=224,
+        help="DINO input side (multiple of 14). 224 -> 256 tokens; 518 is the pretraining size.",
+    )
+    g.add_argument(
+        "--dinov2_max_timestep",
+        type=int,
+        default=None,
+        help="Apply the loss only to samples with t < this (x0 estimates at high t are blurry); "
+        "the VAE decode is skipped when no sample of the batch qualifies.",
+    )
+    g.add_argument(
+        "--dinov2_target_cache",
+        choices=("memory", "none"),
+        default="memory",
+        help="memory: target features per (image, flip) computed once and kept (fp16, CPU); "
+        "none: recomputed from the training image every step. Never a VAE decode.",
+    )
+    g.add_argument(
+        "--dinov2_vae_checkpointing",
+        action="store_true",
+        help="Gradient checkpointing in the VAE decoder used for the loss (less memory).",
+    )
+    g.add_argument(
+        "--dinov2_tiny_vae",
+        default=None,
+        help="Local dir of a diffusers AutoencoderTiny (e.g. madebyollin/taesd) used to decode x0 for "
+        "the loss only (much cheaper than the SD VAE decoder).",
+    )
+    g.add_argument(
+        "--dinov2_latent_head",
+        default=None,
+        help="Checkpoint of a latent-space DINOv2 head (models/latent_dino_head.py): features straight "
+        "from latents, no decode. Replaces the decoder + DINOv2 when given.",
+    )
+
+
+def stage1_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Stage 1 (full): DreamBooth LoRA of SD-1.5 on one MVTec class's train/good images, "
+        "optionally with the DINOv2 perceptual loss."
+    )
+    _common(parser)
+    parser.add_argument("--instance_prompt", default="a vfx", help="Prompt of every training image.")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (newest checkpoint-<step> in --output_dir; fresh start if none) or a path.",
+    )
+    return parser
+
+
+def stage2_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Stage 2 (dual): dual-interrelated LoRA on one defect type's few-shot split; blend branch = "
+        "whole anomalous image, fg branch = the anomaly alone."
+    )
+    _common(parser)
+    parser.add_argument(
+        "--mvtec_anamaly_name",
+        "--mvtec_anomaly_name",
+        dest="mvtec_anomaly_name",
+        required=True,
+        help="Defect type (test/<defect>); both spellings accepted, the first is the seed's.",
+    )
+    parser.add_argument(
+        "--instance_prompt_blend", default="a vfx with sks", help="Prompt of the blend branch."
+    )
+    parser.add_argument("--instance_prompt_fg", default="sks", help="Prompt of the fg branch.")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A stage-1 checkpoint dir (LoRA copied into both branches, step count continues), a "
+        "stage-2 checkpoint dir (everything restored), or 'latest' (newest in --output_dir). "
+        "If --output_dir already holds stage-2 checkpoints, the newest is resumed instead of "
+        "the stage-1 checkpoint (so re-running the same command continues).",
+    )
+    parser.add_argument(
+        "--restart_from_stage1",
+        action="store_true",
+        help="Ignore stage-2 checkpoints in --output_dir and start again from the stage-1 one.",
+    )
+    parser.add_argument(
+        "--dual_mode",
+        choices=DUAL_MODES,
+        default="interrelated",
+        help="interrelated: two LoRA sets + branch interaction (paper); shared: the seed's stage 2 "
+        "(one LoRA, no interaction), for ablation.",
+    )
+    parser.add_argument(
+        "--interaction_reduction",
+        type=int,
+        default=4,
+        help="Interaction q/k/v width = attention width / this.",
+    )
+    parser.add_argument(
+        "--interaction_learning_rate",
+        type=float,
+        default=None,
+        help="LR of the interaction modules (default: --learning_rate).",
+    )
+    parser.add_argument(
+        "--split_rule",
+        choices=SPLIT_RULES,
+        default="ceil",
+        help="Few-shot split: ceil = first ceil(N/3) images train, rest held out; original = the "
+        "original code's rule (overlaps train and held-out by one when N %% 3 != 0).",
+    )
+    parser.add_argument(
+        "--dinov2_on_fg", action="store_true", help="Apply the DINOv2 loss to the fg branch too."
+    )
+    return parser
+
+
+def validate(args: argparse.Namespace) -> argparse.Namespace:
+    """Value checks that argparse cannot express; errors name the flag."""
+    from models.dinov2_encoder import hf_config
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise SystemExit(f"error: {msg}")
+
+    need(
+        args.resolution > 0 and args.resolution % 8 == 0,
+        f"--resolution {args.resolution} must be a multiple of 8",
+    )
+    need(args.train_batch_size >= 1, "--train_batch_size must be >= 1")
+    need(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
+    need(args.max_train_steps >= 1, "--max_train_steps must be >= 1")
+    need(args.learning_rate > 0, "--learning_rate must be > 0")
+    need(args.rank >= 1, "--rank must be >= 1")
+    need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
+    need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
+    need(
+        args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
+        f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",
+    )
+    if args.dinov2_max_timestep is not None:
+        need(args.dinov2_max_timestep > 0, "--dinov2_max_timestep must be > 0")
+    depth = hf_config(args.dinov2_model_name).num_hidden_layers
+    bad = [x for x in args.dinov2_feature_layers if not 0 <= x < depth]
+    need(
+        not bad,
+        f"--dinov2_feature_layers {bad} out of range for DINOv2 {args.dinov2_model_name} "
+        f"({depth} blocks: valid 0-based indices 0..{depth - 1})",
+    )
+    need(
+        len(set(args.dinov2_feature_layers)) == len(args.dinov2_feature_layers),
+        "--dinov2_feature_layers has duplicates",
+    )
+    if getattr(args, "interaction_reduction", 1) < 1:
+        raise SystemExit("error: --interaction_reduction must be >= 1")
+    if args.report_to in ("none", ""):
+        args.report_to = None
+    return args
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return validate(parser.parse_args(argv))

@@ -1,0 +1,42 @@
+"""One diffusion training draw: encode, sample timesteps and noise, noisy latents and the regression target."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def encode_images(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[-1, 1] pixels -> scaled latents (posterior sample drawn from ``generator``)."""
+    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(
+        dist.mean.device, dist.mean.dtype
+    )
+    latents = dist.mean + dist.std * noise
+    return latents * vae.config.scaling_factor
+
+
+def sample_timesteps(
+    batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator).to(device)
+
+
+def sample_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def noisy_and_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, regression target) for the scheduler's prediction type (epsilon or v_prediction)."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+    return noisy, target

@@ -1,0 +1,378 @@
+"""Stage 2 (dual): dual-interrelated LoRA U-Net on one defect type's few-shot split (+ DINOv2 loss).
+
+    accelerate launch train/stage2-dual/train.py --mvtec_name hazelnut --mvtec_anamaly_name hole \
+        --pretrained_model_name_or_path models/stable-diffusion-v1-5 --instance_data_dir datasets/mvtec_ad \
+        --output_dir all_generate/hazelnut/stage2-hole-dual --instance_prompt_blend "a vfx with sks" \
+        --instance_prompt_fg "sks" --resolution 512 --train_batch_size 4 --learning_rate 2e-5 \
+        --max_train_steps 8000 --resume_from_checkpoint all_generate/hazelnut/stage1-full/checkpoint-5000 \
+        --rank 32 --train_text_encoder --use_dinov2_loss --dinov2_loss_weight 0.1 --dinov2_model_name vitb14 \
+        --dinov2_loss_type l2 --dinov2_feature_layers 3 6 9 11
+
+Each sample is a pair sharing flips and timestep with independent noise: blend = the anomalous image with
+the blend prompt, fg = image x mask (black elsewhere) with the fg prompt. Starting from a stage-1
+checkpoint copies its LoRA into both branch sets (and its text-encoder LoRA); the interaction modules start
+at zero (identity), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
+dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
+load them with ``models.dual_lora.load_dual_unet``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from datasets.mvtec import MVTecAnomalyPairDataset  # noqa: E402
+from losses.dinov2_perceptual import DINOv2TargetCache  # noqa: E402
+from models.dual_lora import (  # noqa: E402
+    DUAL_CONFIG_NAME,
+    DualLoRAUNet,
+    add_text_encoder_lora,
+    load_dual_weights,
+    load_text_encoder_lora,
+    read_dual_config,
+    save_dual_weights,
+)
+from train.anomaly.args import parse, stage2_parser  # noqa: E402
+from train.anomaly.components import (  # noqa: E402
+    LORA_WEIGHTS_NAME,
+    encode_prompt,
+    load_sd_components,
+    read_stage1_lora,
+    tokenize,
+)
+from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
+from train.anomaly.loop import (  # noqa: E402
+    LoopSpec,
+    init_trackers,
+    make_accelerator,
+    make_dataloader,
+    make_lr_scheduler,
+    make_optimizer,
+    run_loop,
+    weight_dtype_of,
+)
+from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
+from utils.logging import get_logger  # noqa: E402
+
+logger = get_logger("stage2-dual")
+
+
+def is_stage2_dir(path: Path) -> bool:
+    return (path / DUAL_CONFIG_NAME).is_file()
+
+
+def is_stage1_dir(path: Path) -> bool:
+    return (path / LORA_WEIGHTS_NAME).is_file() and not is_stage2_dir(path)
+
+
+def resolve_start(args) -> tuple[Path | None, Path | None]:
+    """(stage-1 checkpoint to initialise from, stage-2 checkpoint to resume); at most one is set."""
+    out = Path(args.output_dir)
+    value = args.resume_from_checkpoint
+    latest = find_latest_checkpoint(out)
+    latest2 = latest if latest is not None and is_stage2_dir(latest) else None
+    if not value:
+        if latest2 is not None:
+            logger.warning(
+                "%s holds stage-2 checkpoints but no --resume_from_checkpoint was given: starting from "
+                "the base model (pass --resume_from_checkpoint latest to continue)",
+                out,
+            )
+        return None, None
+    if value == "latest":
+        if latest2 is None:
+            logger.warning(
+                "no stage-2 checkpoint in %s: starting from the base model without stage-1 LoRA", out
+            )
+        return None, latest2
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such directory")
+    if is_stage2_dir(path):
+        return None, path
+    if not is_stage1_dir(path):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path} is neither a stage-1 checkpoint ({LORA_WEIGHTS_NAME}) nor a stage-2 "
+            f"one ({DUAL_CONFIG_NAME}); contents: {sorted(p.name for p in path.iterdir())}"
+        )
+    if latest2 is not None and not args.restart_from_stage1:
+        logger.info(
+            "%s already holds stage-2 checkpoint %s: resuming it instead of stage-1 %s "
+            "(--restart_from_stage1 to start over)",
+            out,
+            latest2.name,
+            path,
+        )
+        return None, latest2
+    return path, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(stage2_parser(), argv)
+    stage1_ckpt, stage2_ckpt = resolve_start(args)
+    accelerator = make_accelerator(args, "stage2-dual")
+    device = accelerator.device
+    dataset = MVTecAnomalyPairDataset(
+        args.instance_data_dir,
+        args.mvtec_name,
+        args.mvtec_anomaly_name,
+        args.resolution,
+        split_rule=args.split_rule,
+        flip=args.flip,
+    )
+    logger.info(
+        "%s/%s: %d training pairs, %d held out (split rule %s)",
+        args.mvtec_name,
+        args.mvtec_anomaly_name,
+        len(dataset),
+        len(dataset.held_out),
+        args.split_rule,
+    )
+    comps = load_sd_components(args.pretrained_model_name_or_path)
+    unet, text_encoder, vae, noise_scheduler = (
+        comps.unet,
+        comps.text_encoder,
+        comps.vae,
+        comps.noise_scheduler,
+    )
+    weight_dtype = weight_dtype_of(accelerator)
+
+    # ---- what to start from
+    start_step = stage_start = 0
+    te_lora_state = None
+    if stage2_ckpt is not None:
+        cfg = read_dual_config(stage2_ckpt)
+        for key, flag in (
+            ("dual_mode", args.dual_mode),
+            ("rank", args.rank),
+            ("interaction_reduction", args.interaction_reduction),
+        ):
+            if cfg[key] != flag:
+                raise SystemExit(
+                    f"error: checkpoint {stage2_ckpt} was trained with {key}={cfg[key]!r}, "
+                    f"this run asks for {flag!r}"
+                )
+        stage_start = int(cfg.get("stage_start_step", 0))
+        te_lora = bool(cfg.get("text_encoder_lora"))
+        if args.train_text_encoder and not te_lora:
+            raise SystemExit(f"error: {stage2_ckpt} has no text-encoder LoRA; drop --train_text_encoder")
+    else:
+        te_lora = args.train_text_encoder
+    dual = DualLoRAUNet(
+        unet, rank=args.rank, dual_mode=args.dual_mode, interaction_reduction=args.interaction_reduction
+    )
+    if stage1_ckpt is not None:
+        unet_sd, te_lora_state = read_stage1_lora(stage1_ckpt)
+        n = dual.load_single_lora(unet_sd)
+        te_lora = te_lora or bool(te_lora_state)
+        start_step = stage_start = (
+            checkpoint_step(stage1_ckpt) if stage1_ckpt.name.startswith("checkpoint-") else 0
+        )
+        logger.info(
+            "stage-1 LoRA from %s copied into %s (%d layers); starting at step %d",
+            stage1_ckpt,
+            "both branch sets" if args.dual_mode == "interrelated" else "the shared set",
+            n,
+            start_step,
+        )
+    if te_lora:
+        # rank of the stage-1 text-encoder LoRA if there is one, else --rank
+        te_rank = next((v.shape[0] for k, v in (te_lora_state or {}).items() if "lora_A" in k), args.rank)
+        add_text_encoder_lora(text_encoder, int(te_rank))
+        if te_lora_state:
+            load_text_encoder_lora(text_encoder, te_lora_state)
+        for p in text_encoder.parameters():
+            p.requires_grad_(False)
+        if args.train_text_encoder:
+            for name, p in text_encoder.named_parameters():
+                p.requires_grad_("lora_" in name)
+            if args.gradient_checkpointing:
+                text_encoder.gradient_checkpointing_enable()
+    if args.max_train_steps <= start_step and stage2_ckpt is None:
+        raise SystemExit(
+            f"error: --max_train_steps {args.max_train_steps} counts on from the stage-1 step "
+            f"{start_step}; pass a larger value (the seed uses 5000 -> 8000)"
+        )
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    dual.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    trainable = [dual] + ([text_encoder] if args.train_text_encoder else [])
+    if weight_dtype != torch.float32:
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(trainable, dtype=torch.float32)
+    for p in dual.parameters():
+        p.requires_grad_(False)
+    lora_params = [
+        p
+        for layer in dual.lora_layers().values()
+        for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters())
+    ]
+    inter_params = list(dual.interactions.parameters())
+    te_params = (
+        [p for n_, p in text_encoder.named_parameters() if "lora_" in n_] if args.train_text_encoder else []
+    )
+    params = lora_params + inter_params + te_params
+    for p in params:
+        p.requires_grad_(True)
+
+    perceptual = perceptual_fg = None
+    if args.use_dinov2_loss:
+        from train.anomaly.perceptual import build_perceptual_term
+
+        perceptual = build_perceptual_term(args, vae, noise_scheduler, device)
+        if args.dinov2_on_fg:
+            perceptual_fg = copy.copy(perceptual)  # same DINO and decoder, its own target cache
+            perceptual_fg.cache = DINOv2TargetCache(perceptual.loss) if perceptual.cache is not None else None
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    groups = [{"params": lora_params, "lr": lr, "name": "lora"}]
+    if inter_params:
+        groups.append(
+            {"params": inter_params, "lr": args.interaction_learning_rate or lr, "name": "interaction"}
+        )
+    if te_params:
+        groups.append({"params": te_params, "lr": lr, "name": "text_encoder_lora"})
+    optimizer = make_optimizer(groups, args)
+    lr_scheduler = make_lr_scheduler(
+        optimizer, args, args.max_train_steps - stage_start, accelerator.num_processes
+    )
+
+    extra = {
+        "stage_start_step": stage_start,
+        "mvtec_name": args.mvtec_name,
+        "mvtec_anomaly_name": args.mvtec_anomaly_name,
+        "instance_prompt_blend": args.instance_prompt_blend,
+        "instance_prompt_fg": args.instance_prompt_fg,
+        "resolution": args.resolution,
+        "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+        "stage1_checkpoint": str(stage1_ckpt) if stage1_ckpt else None,
+    }
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_dual_weights(
+                accelerator.unwrap_model(dual_p),
+                accelerator.unwrap_model(text_encoder) if te_lora else None,
+                output_dir,
+                extra=extra,
+            )
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            models.pop()
+        load_dual_weights(accelerator.unwrap_model(dual_p), text_encoder if te_lora else None, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if args.train_text_encoder:
+        dual_p, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            dual, text_encoder, optimizer, lr_scheduler
+        )
+    else:
+        dual_p, optimizer, lr_scheduler = accelerator.prepare(dual, optimizer, lr_scheduler)
+
+    if stage2_ckpt is not None:
+        accelerator.load_state(str(stage2_ckpt))
+        start_step = checkpoint_step(stage2_ckpt)
+        logger.info("resumed stage-2 checkpoint %s at step %d", stage2_ckpt, start_step)
+    init_trackers(accelerator, args, "stage2-dual")
+    dataloader = make_dataloader(
+        dataset,
+        args,
+        accelerator.process_index,
+        accelerator.num_processes,
+        start_micro=(start_step - stage_start) * args.gradient_accumulation_steps,
+    )
+
+    ids_blend = tokenize(comps.tokenizer, args.instance_prompt_blend).to(device)
+    ids_fg = tokenize(comps.tokenizer, args.instance_prompt_fg).to(device)
+    fixed = None
+    if not args.train_text_encoder:
+        with torch.no_grad():
+            fixed = (encode_prompt(text_encoder, ids_blend), encode_prompt(text_encoder, ids_fg))
+
+    def step_fn(batch, gen):
+        pixels = batch["pixel_values"].to(device)
+        fg_pixels = batch["fg_values"].to(device)
+        b = pixels.shape[0]
+        lat_b = encode_images(vae, pixels, gen)
+        lat_f = encode_images(vae, fg_pixels, gen)
+        t = sample_timesteps(b, noise_scheduler.config.num_train_timesteps, gen, device)  # shared by the pair
+        noisy_b, tgt_b = noisy_and_target(noise_scheduler, lat_b, sample_noise(lat_b, gen), t)
+        noisy_f, tgt_f = noisy_and_target(noise_scheduler, lat_f, sample_noise(lat_f, gen), t)  # own noise
+        if fixed is not None:
+            e_b, e_f = fixed
+        else:
+            e_b, e_f = encode_prompt(text_encoder, ids_blend), encode_prompt(text_encoder, ids_fg)
+        pred_b, pred_f = dual_p(noisy_b, noisy_f, t, e_b.expand(b, -1, -1), e_f.expand(b, -1, -1))
+        mse_b = F.mse_loss(pred_b.float(), tgt_b.float())
+        mse_f = F.mse_loss(pred_f.float(), tgt_f.float())
+        loss = 0.5 * (mse_b + mse_f)  # = MSE over the concatenated [blend; fg] batch
+        logs = {"loss_mse": loss.item(), "loss_mse_blend": mse_b.item(), "loss_mse_fg": mse_f.item()}
+        idx, flips = batch["index"].tolist(), batch["flip"].tolist()
+        if perceptual is not None:
+            d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b)
+            dino = d_b
+            logs["loss_dinov2_blend"] = d_b.item()
+            logs.update({f"{k}_blend" if k.startswith("dinov2_layer") else k: v for k, v in dl.items()})
+            if perceptual_fg is not None:
+                d_f, _ = perceptual_fg(pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f)
+                logs["loss_dinov2_fg"] = d_f.item()
+                dino = 0.5 * (d_b + d_f)
+            loss = loss + args.dinov2_loss_weight * dino
+            logs["loss_dinov2"] = dino.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    def save_final():
+        save_dual_weights(
+            accelerator.unwrap_model(dual_p),
+            accelerator.unwrap_model(text_encoder) if te_lora else None,
+            args.output_dir,
+            extra=extra,
+        )
+        logger.info("final dual weights in %s", args.output_dir)
+
+    def validate(step):
+        if not accelerator.is_main_process:
+            return
+        from train.anomaly.validation import validate_stage2
+
+        path = validate_stage2(
+            accelerator,
+            args,
+            accelerator.unwrap_model(dual_p),
+            accelerator.unwrap_model(text_encoder),
+            vae,
+            comps.tokenizer,
+            noise_scheduler,
+            step,
+        )
+        logger.info("validation samples: %s", path)
+
+    spec = LoopSpec(
+        step_fn=step_fn,
+        train_modules=[dual_p] + ([text_encoder] if args.train_text_encoder else []),
+        params=params,
+        save_final=save_final,
+        validate=validate,
+    )
+    run_loop(accelerator, args, spec, optimizer, lr_scheduler, dataloader, start_step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

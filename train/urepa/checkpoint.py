@@ -1,0 +1,83 @@
+"""What a U-REPA checkpoint directory holds beyond ``accelerator.save_state``'s optimizer/scheduler/RNG files.
+
+    checkpoint-<step>/
+        trainable_state.safetensors         live trained parameters (LoRA / whitelisted blocks + heads)
+        ema_state.safetensors               their EMA (what evaluation uses)
+        pytorch_lora_weights.safetensors    live LoRA, diffusers format (pipe.load_lora_weights)
+        ema_lora/pytorch_lora_weights.safetensors   EMA LoRA, diffusers format
+        urepa_config.yaml                   the resolved training config
+        optimizer.bin, scheduler.bin, random_states_*.pkl, custom_checkpoint_*.pkl   (accelerate)
+
+The frozen 860M U-Net is never written: the save hook pops it from accelerate's list.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+TRAINABLE_FILE = "trainable_state.safetensors"
+EMA_FILE = "ema_state.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMA_LORA_DIR = "ema_lora"
+CONFIG_FILE = "urepa_config.yaml"
+
+
+def save_extra_state(model: Any, ema: Any, config: dict[str, Any], out_dir: str | os.PathLike) -> None:
+    """Write the files above (main process only; ``out_dir`` is accelerate's temporary checkpoint dir)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()},
+        str(out_dir / TRAINABLE_FILE),
+    )
+    save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, str(out_dir / EMA_FILE))
+    if model.lora_targets:
+        save_file(
+            {k: v.contiguous().cpu() for k, v in model.lora_state_dict_diffusers().items()},
+            str(out_dir / LORA_FILE),
+        )
+        with ema.average_parameters(model):
+            lora = model.lora_state_dict_diffusers()
+        (out_dir / EMA_LORA_DIR).mkdir(exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in lora.items()}, str(out_dir / EMA_LORA_DIR / LORA_FILE))
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def load_trainable(model: Any, ckpt_dir: str | os.PathLike, use_ema: bool = True) -> None:
+    """Load the EMA (default) or live trained parameters of a checkpoint into a freshly built model."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / (EMA_FILE if use_ema else TRAINABLE_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a train_sd15.py checkpoint directory?")
+    state = load_file(str(path))
+    model.load_trainable_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+
+
+def load_checkpoint_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a train_sd15.py checkpoint directory?")
+    return yaml.safe_load(path.read_text())
+
+
+class TrainState:
+    """Counters that must survive a resume (registered with ``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.skipped_steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,0 +1,115 @@
+"""Dataset wiring for U-REPA training: the cached SD15AlignedDataset, or a custom factory.
+
+CFG label dropout is applied in the training loop (not in the dataset) with a generator seeded from the
+step, so a resumed run drops exactly the same prompts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def import_object(spec: str) -> Any:
+    """``"package.module:attr"`` -> the attribute."""
+    if ":" not in spec:
+        raise ValueError(f"expected 'module:attribute', got {spec!r}")
+    module_name, attr = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"cannot import {spec!r}: {err}") from err
+
+
+def load_clip_embeddings(path: str | os.PathLike) -> torch.Tensor:
+    """The [K+1, 77, dim] prompt table (row -1 = null prompt) from a .pt/.pth or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP embeddings file not found: {path}. Build it with preprocessing/prepare_clip_embeddings.py"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        tensors = [v for k, v in obj.items() if torch.is_tensor(v) and v.ndim == 3]
+        preferred = obj.get("embeddings")
+        obj = preferred if torch.is_tensor(preferred) else (tensors[0] if len(tensors) == 1 else None)
+    if not torch.is_tensor(obj) or obj.ndim != 3:
+        raise ValueError(f"{path}: expected a [K+1, 77, dim] tensor (or a dict with 'embeddings')")
+    return obj
+
+
+def dataset_metadata(dataset: Any) -> dict[str, Any] | None:
+    """DINO cache metadata of a built dataset (SD15AlignedDataset.dino.metadata, or ``.metadata``)."""
+    dino = getattr(dataset, "dino", None)
+    if dino is not None and hasattr(dino, "metadata"):
+        return dict(dino.metadata)
+    meta = getattr(dataset, "metadata", None)
+    return dict(meta) if meta is not None else None
+
+
+def embedding_table(dataset: Any, clip_path: str | os.PathLike | None) -> torch.Tensor:
+    """[K+1, 77, dim] prompt table (null last) from the dataset, else from the file."""
+    for attr in ("embeddings", "clip_embeddings"):
+        table = getattr(dataset, attr, None)
+        if torch.is_tensor(table):
+            return table
+    if clip_path is None:
+        raise ValueError("no CLIP embedding table: set data.clip_embeddings")
+    return load_clip_embeddings(clip_path)
+
+
+def dino_cache_metadata(dino_dir: str | os.PathLike) -> dict[str, Any]:
+    """Metadata record of the DINO token cache (encoder, D, grid, patch, resolution, dtype, count...)."""
+    from datasets.lmdb_cache import LMDBCacheReader
+
+    return dict(LMDBCacheReader(dino_dir).metadata)
+
+
+def grid_from_metadata(meta: dict[str, Any]) -> tuple[int, int]:
+    grid = meta["grid"]
+    if isinstance(grid, int):
+        return (grid, grid)
+    return (int(grid[0]), int(grid[1]))
+
+
+def build_dataset(
+    data_cfg: dict[str, Any], align_layers: tuple[str, ...], D: int | None, seed: int = 0
+) -> Any:
+    """The training dataset. ``data.factory`` ("module:function", called with ``data.factory_kwargs``)
+    replaces the cached dataset, e.g. for synthetic test data; otherwise SD15AlignedDataset."""
+    layers = tuple(align_layers) or ("mid",)
+    if data_cfg.get("factory"):
+        return import_object(data_cfg["factory"])(layers=layers, **(data_cfg.get("factory_kwargs") or {}))
+    from datasets.sd15_aligned import SD15AlignedDataset
+
+    expected = {"D": D} if D else None
+    return SD15AlignedDataset(
+        data_cfg["csv"],
+        data_cfg["latent_dir"],
+        data_cfg["dino_dir"],
+        data_cfg["clip_embeddings"],
+        cfg_dropout=0.0,  # done in the loop, reproducibly (see module docstring)
+        expected=expected,
+        layers=layers,
+        seed=seed,
+    )
+
+
+def apply_cfg_dropout(
+    encoder_hidden_states: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each sample's prompt embedding by the null embedding with probability p."""
+    if p <= 0:
+        return encoder_hidden_states
+    drop = torch.rand(encoder_hidden_states.shape[0], generator=generator, device=generator.device) < p
+    drop = drop.to(encoder_hidden_states.device).view(-1, 1, 1)
+    return torch.where(drop, null.to(encoder_hidden_states), encoder_hidden_states)
