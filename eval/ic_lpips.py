@@ -145,8 +145,14 @@ def ic_lpips(
                 cache[i] = f
         feats = [cache[i] for i in mem]
         stacked = space.stack(feats)
-        pair_d = [space.distances(feats[a], stacked, start=a + 1) for a in range(len(mem) - 1)]
-        means.append(float(np.concatenate(pair_d).astype(np.float64).mean()))
+        pairwise = getattr(space, "pairwise_upper", None)
+        if pairwise is not None:  # all pairs at once (one matrix product per layer)
+            pair_d = pairwise(stacked)
+        else:
+            pair_d = np.concatenate(
+                [space.distances(feats[a], stacked, start=a + 1) for a in range(len(mem) - 1)]
+            )
+        means.append(float(np.asarray(pair_d, dtype=np.float64).mean()))
         del stacked
         for i in missing:  # recomputed features are not needed by other clusters
             cache.pop(i, None)
@@ -216,6 +222,26 @@ class LPIPSFeatureSpace:
 
         a = [t.to(self.device) for t in a]
         return lpips_distance_from_features(self.model, a, [t[start:] for t in stacked]).cpu().numpy()
+
+    @torch.no_grad()
+    def pairwise_upper(self, stacked: list[torch.Tensor]) -> np.ndarray:
+        """LPIPS of every pair i < j (row-major: (0,1), (0,2), ..., (1,2), ...), the order of ``distances``.
+
+        LPIPS per layer is ``mean_p sum_c w_c (a_cp - b_cp)^2`` with the linear head's 1x1 weights ``w``, so
+        with ``S_i = sum w a_i^2`` and ``G_ij = sum w a_i b_j`` it is ``(S_i + S_j - 2 G_ij) / HW``: one matrix
+        product per layer instead of a feature difference per pair (same value up to fp32 rounding).
+        """
+        n = stacked[0].shape[0]
+        total = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        for k, feat in enumerate(stacked):
+            w = self.model.lins[k].model[-1].weight.reshape(1, -1, 1, 1).to(feat)
+            flat = feat.flatten(1)
+            wflat = (feat * w).flatten(1)
+            sq = (wflat * flat).sum(1).double()
+            gram = (wflat @ flat.T).double()
+            total += (sq[:, None] + sq[None, :] - 2 * gram) / (feat.shape[2] * feat.shape[3])
+        i, j = torch.triu_indices(n, n, offset=1)
+        return total[i, j].float().cpu().numpy()
 
     def nbytes(self, feat: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in feat)

@@ -74,6 +74,17 @@ def test_feature_cache_equals_pairwise_recomputation(lpips_model):
     assert cached.cluster_means[c] == pytest.approx(np.mean(pairs), abs=1e-6)
 
 
+def test_pairwise_matrix_form_equals_lpips_calls(lpips_model):
+    """The Gram-matrix form of all pairs equals lpips(x, y) called on each pair, in row-major order."""
+    torch.manual_seed(3)
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    space = LPIPSFeatureSpace(lpips_model, resolution=32)
+    got = space.pairwise_upper(space.stack(space.embed(list(x))))
+    want = [float(lpips_model(x[i : i + 1], x[j : j + 1])) for i, j in combinations(range(5), 2)]
+    assert got.shape == (10,)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_cli_on_tiny_assets(tiny_assets, tmp_path):
     import shutil
 
