@@ -21,8 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+from typing import Any  # noqa: E402
 
-from datasets.lmdb_cache import LMDBCacheWriter  # noqa: E402
+import torch  # noqa: E402
+
 from preprocessing.cache_jobs import (  # noqa: E402
     DinoTokenEncoder,
     TargetStats,
@@ -30,11 +32,7 @@ from preprocessing.cache_jobs import (  # noqa: E402
     add_dino_args,
     add_job_args,
     add_vae_args,
-    job_rows,
-    print_storage_estimate,
-    resolve_device,
-    run_cache_job,
-    writer_id,
+    run_cli_job,
 )
 
 
@@ -61,52 +59,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[TargetStats]:
     args = parse_args(argv)
-    rows, mine, num_shards, shard_index, image_root = job_rows(args)
-    device = resolve_device(args)
-    wid = writer_id(num_shards, shard_index)
-    encoders = []
-    if args.latent_dir:
-        encoders.append(
-            (
-                VAELatentEncoder(
-                    args.pretrained_model_name_or_path,
-                    resolution=args.vae_resolution,
-                    dtype=args.vae_dtype,
-                    store_moments=args.store_moments,
-                    subfolder=args.vae_subfolder,
-                    device=device,
-                    model_dtype=args.model_dtype,
-                ),
-                args.latent_dir,
+
+    def encoders(device: torch.device) -> list[tuple[Any, str]]:
+        out: list[tuple[Any, str]] = []
+        if args.latent_dir:
+            vae = VAELatentEncoder(
+                args.pretrained_model_name_or_path,
+                resolution=args.vae_resolution,
+                dtype=args.vae_dtype,
+                store_moments=args.store_moments,
+                subfolder=args.vae_subfolder,
+                device=device,
+                model_dtype=args.model_dtype,
             )
-        )
-    if args.dino_dir:
-        encoders.append(
-            (
-                DinoTokenEncoder(
-                    args.dinov2_weights,
-                    variant=args.variant,
-                    resolution=args.dino_resolution,
-                    dtype=args.dino_dtype,
-                    device=device,
-                    model_dtype=args.model_dtype,
-                ),
-                args.dino_dir,
+            out.append((vae, args.latent_dir))
+        if args.dino_dir:
+            dino = DinoTokenEncoder(
+                args.dinov2_weights,
+                variant=args.variant,
+                resolution=args.dino_resolution,
+                dtype=args.dino_dtype,
+                device=device,
+                model_dtype=args.model_dtype,
             )
-        )
-    print_storage_estimate([e for e, _ in encoders], len(rows), len(mine))
-    targets = [
-        (e, LMDBCacheWriter(d, e.metadata, shard_size=args.shard_size, writer_id=wid)) for e, d in encoders
-    ]
-    return run_cache_job(
-        mine,
-        targets,
-        image_root,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        desc=f"caches [{shard_index + 1}/{num_shards}]",
-        show_progress=not args.no_progress,
-    )
+            out.append((dino, args.dino_dir))
+        return out
+
+    return run_cli_job(args, encoders, "caches")
 
 
 if __name__ == "__main__":

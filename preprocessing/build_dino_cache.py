@@ -22,17 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from datasets.lmdb_cache import LMDBCacheWriter  # noqa: E402
+import torch  # noqa: E402
+
 from preprocessing.cache_jobs import (  # noqa: E402
     DinoTokenEncoder,
     TargetStats,
     add_dino_args,
     add_job_args,
-    job_rows,
-    print_storage_estimate,
-    resolve_device,
-    run_cache_job,
-    writer_id,
+    run_cli_job,
 )
 
 
@@ -50,31 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[TargetStats]:
     args = parse_args(argv)
-    rows, mine, num_shards, shard_index, image_root = job_rows(args)
-    encoder = DinoTokenEncoder(
-        args.dinov2_weights,
-        variant=args.variant,
-        resolution=args.resolution,
-        dtype=args.dtype,
-        device=resolve_device(args),
-        model_dtype=args.model_dtype,
-    )
-    print_storage_estimate([encoder], len(rows), len(mine))
-    writer = LMDBCacheWriter(
-        args.output_dir,
-        encoder.metadata,
-        shard_size=args.shard_size,
-        writer_id=writer_id(num_shards, shard_index),
-    )
-    return run_cache_job(
-        mine,
-        [(encoder, writer)],
-        image_root,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        desc=f"DINOv2 tokens [{shard_index + 1}/{num_shards}]",
-        show_progress=not args.no_progress,
-    )
+
+    def encoders(device: torch.device) -> list[tuple[DinoTokenEncoder, str]]:
+        encoder = DinoTokenEncoder(
+            args.dinov2_weights,
+            variant=args.variant,
+            resolution=args.resolution,
+            dtype=args.dtype,
+            device=device,
+            model_dtype=args.model_dtype,
+        )
+        return [(encoder, args.output_dir)]
+
+    return run_cli_job(args, encoders, "DINOv2 tokens")
 
 
 if __name__ == "__main__":

@@ -516,3 +516,27 @@ def job_rows(args: argparse.Namespace) -> tuple[list[SampleRow], list[SampleRow]
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device) if args.device else default_device()
+
+
+def run_cli_job(
+    args: argparse.Namespace, make_encoders: Callable[[torch.device], list[tuple[Any, str]]], label: str
+) -> list[TargetStats]:
+    """What every cache CLI does once its flags are parsed: pick this job's rows, build the encoders
+    (``make_encoders(device) -> [(encoder, output_dir)]``), print the storage estimate, open one writer per
+    cache and run the job."""
+    rows, mine, num_shards, shard_index, image_root = job_rows(args)
+    encoders = make_encoders(resolve_device(args))
+    print_storage_estimate([e for e, _ in encoders], len(rows), len(mine))
+    wid = writer_id(num_shards, shard_index)
+    targets = [
+        (e, LMDBCacheWriter(d, e.metadata, shard_size=args.shard_size, writer_id=wid)) for e, d in encoders
+    ]
+    return run_cache_job(
+        mine,
+        targets,
+        image_root,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc=f"{label} [{shard_index + 1}/{num_shards}]",
+        show_progress=not args.no_progress,
+    )
