@@ -20,6 +20,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
 from losses.urepa import URepaLoss  # noqa: E402
 from train.urepa.checkpoint import TrainState, save_extra_state  # noqa: E402
 from train.urepa.data import (  # noqa: E402
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"dataset has {len(dataset)} samples, fewer than one global batch "
             f"({batch_size} x {accelerator.num_processes} processes)"
         )
-    loader = torch.utils.data.DataLoader(
-        dataset,
+    loader_kwargs = dict(
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
@@ -190,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # the dataset's per-epoch draws (set_epoch) must reach fresh workers
     )
+    if isinstance(dataset, SD15AlignedDataset):
+        # Workers read whole batches straight into the batch tensors (one copy per record; measured in
+        # docs/urepa_preprocessing.md). Same sampler, so accelerate shards, seeds and skips it as usual.
+        loader = make_batched_loader(dataset, seed=None, **loader_kwargs)
+    else:  # data.factory datasets (tests, synthetic runs)
+        loader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
 
     # ---- model ----------------------------------------------------------------------------------------------
     sd_dir = resolve_sd_dir(cfg["model"]["pretrained"])

@@ -30,14 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    RandomSampler,
-    SequentialSampler,
-    get_worker_info,
-)
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from datasets.lmdb_cache import LMDBCacheReader, parse_dtype
 from datasets.sample_csv import read_sample_csv
@@ -316,7 +309,7 @@ class SD15AlignedDataset(Dataset):
         """The collated batch of ``indices``, read straight into preallocated tensors (one copy per record).
 
         Equal to ``default_collate([ds[i] for i in indices])`` but without per-sample tensors and the collate
-        copy; :func:`make_batched_loader` uses it (``batch_size=None`` + a ``BatchSampler`` as sampler).
+        copy; :func:`make_batched_loader` uses it (through :class:`BatchedReads`).
         """
         idx = [int(i) + (len(self) if int(i) < 0 else 0) for i in indices]
         n = len(idx)
@@ -382,27 +375,62 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return proto.new(storage).resize_(*shape)
 
 
+class BatchedReads(Dataset):
+    """A view of an :class:`SD15AlignedDataset` whose ``__getitems__`` returns the whole collated batch.
+
+    PyTorch's map-style fetcher calls ``dataset.__getitems__(indices)`` when it exists and hands the result to
+    ``collate_fn``; with :func:`already_collated` as ``collate_fn`` a worker builds each batch with
+    :meth:`SD15AlignedDataset.get_batch` (one copy per record). The view keeps the plain ``batch_size`` /
+    ``shuffle`` DataLoader form, so accelerate's ``prepare`` (seedable sampler, sharding, ``set_epoch``,
+    ``skip_first_batches``) treats it like any other loader. It is a separate object so that the dataset itself
+    stays usable with the default collate.
+    """
+
+    def __init__(self, dataset: SD15AlignedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        return self.dataset.get_batch(indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def already_collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """``collate_fn`` for :class:`BatchedReads`: the batch is complete when the fetcher gets it."""
+    return batch
+
+
 def make_batched_loader(
     dataset: SD15AlignedDataset,
     batch_size: int,
     shuffle: bool = True,
     drop_last: bool = True,
     num_workers: int = 4,
-    seed: int = 0,
+    seed: int | None = 0,
     **loader_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader whose workers build whole batches with :meth:`SD15AlignedDataset.get_batch`.
 
-    Same batches as ``DataLoader(dataset, batch_size, shuffle, drop_last=...)`` with the default collate, but
-    each record is copied once (LMDB page -> batch tensor) instead of twice; accelerate's ``prepare`` supports
-    this form (a ``BatchSampler`` passed as ``sampler`` with ``batch_size=None``).
+    Same batches as ``DataLoader(dataset, batch_size, shuffle, drop_last=...)`` with the default collate (same
+    sampler, same order for the same ``seed``), but each record is copied once (LMDB page -> batch tensor)
+    instead of twice. ``seed=None`` leaves the shuffle generator unset (accelerate's seedable sampler then
+    seeds it from ``data_seed``).
     """
-    generator = torch.Generator().manual_seed(seed)
-    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    generator = torch.Generator().manual_seed(seed) if (shuffle and seed is not None) else None
     return DataLoader(
-        dataset,
-        sampler=BatchSampler(base, batch_size=batch_size, drop_last=drop_last),
-        batch_size=None,
+        BatchedReads(dataset),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=already_collated,
         num_workers=num_workers,
+        generator=generator,
         **loader_kwargs,
     )

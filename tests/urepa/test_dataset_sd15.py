@@ -244,3 +244,11 @@ def test_batched_loader_equals_default_collate(tmp_path):
     )
     shuffled = [b["class_id"] for b in make_batched_loader(ds, batch_size=8, num_workers=0, seed=1)]
     assert len(shuffled) == 2  # drop_last
+    # Same sampler as the default-collate loader: the same seed gives the same shuffled batches.
+    from torch.utils.data import DataLoader
+
+    plain = DataLoader(
+        ds, batch_size=8, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(1)
+    )
+    assert [torch.equal(a, b["class_id"]) for a, b in zip(shuffled, plain)] == [True, True]
+    assert not torch.equal(torch.cat(shuffled), torch.arange(16))

@@ -39,18 +39,48 @@ def _state(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {f: load_file(str(ckpt / f)) for f in ("trainable_state.safetensors", "ema_state.safetensors")}
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_assets):
-    # 8 samples, batch 2: 4 steps per epoch, so step 5 also checks the epoch reshuffle after a resume.
-    common = ("train.max_steps=5", "train.checkpointing_steps=5")
-    full = _run(tmp_path, "full", tiny_assets, *common)
-    part = _run(tmp_path, "part", tiny_assets, *common, "train.stop_at_step=3")
-    assert (part["out"] / "checkpoint-3").is_dir() and not (part["out"] / "checkpoint-5").exists()
-    _run(tmp_path, "part", tiny_assets, *common)
-    a, b = _state(full["out"] / "checkpoint-5"), _state(part["out"] / "checkpoint-5")
+def _cache_overrides(root: Path, workers: int = 0) -> list[str]:
+    """--set entries that train on real LMDB caches holding the same samples as the factory data."""
+    from tests.urepa.fake_data import write_lmdb_caches
+
+    data = write_lmdb_caches(root, n=8)
+    return ["data.factory=null", f"data.num_workers={workers}", *(f"data.{k}={v}" for k, v in data.items())]
+
+
+def _assert_same_checkpoint(a_dir: Path, b_dir: Path) -> dict:
+    a, b = _state(a_dir), _state(b_dir)
     for f in a:
         assert a[f].keys() == b[f].keys()
         for k in a[f]:
             torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=0, msg=f"{f}:{k}")
+    return a
+
+
+def test_cached_data_trains_exactly_like_the_same_samples_in_memory(tmp_path, tiny_assets):
+    """The LMDB path (SD15AlignedDataset through make_batched_loader, 2 workers) feeds the same batches in
+    the same shuffled order as the default-collate DataLoader over the in-memory dataset."""
+    common = ("train.max_steps=5", "train.checkpointing_steps=5")
+    mem = _run(tmp_path, "mem", tiny_assets, *common)
+    lmdb = _run(tmp_path, "lmdb", tiny_assets, *common, *_cache_overrides(tmp_path / "caches", workers=2))
+    import yaml
+
+    saved = yaml.safe_load((lmdb["out"] / "config.yaml").read_text())["data"]
+    assert saved["factory"] is None and saved["csv"].endswith("train.csv")  # really the LMDB path
+    _assert_same_checkpoint(mem["out"] / "checkpoint-5", lmdb["out"] / "checkpoint-5")
+    assert mem["logs"]["loss"] == lmdb["logs"]["loss"]
+
+
+@pytest.mark.parametrize("data", ["memory", "lmdb"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_assets, data):
+    # 8 samples, batch 2: 4 steps per epoch, so step 5 also checks the epoch reshuffle after a resume.
+    common = ("train.max_steps=5", "train.checkpointing_steps=5")
+    if data == "lmdb":
+        common += tuple(_cache_overrides(tmp_path / "caches", workers=1))
+    full = _run(tmp_path, "full", tiny_assets, *common)
+    part = _run(tmp_path, "part", tiny_assets, *common, "train.stop_at_step=3")
+    assert (part["out"] / "checkpoint-3").is_dir() and not (part["out"] / "checkpoint-5").exists()
+    _run(tmp_path, "part", tiny_assets, *common)
+    a = _assert_same_checkpoint(full["out"] / "checkpoint-5", part["out"] / "checkpoint-5")
     assert any(k.startswith("heads.mid.") for k in a["trainable_state.safetensors"])
     assert any("lora_A" in k for k in a["trainable_state.safetensors"])
 
@@ -91,6 +121,7 @@ def test_two_processes_through_accelerate(tmp_path, tiny_assets):
         f"model.pretrained={tiny_assets['sd15']}",
         "train.max_steps=2",
         "train.checkpointing_steps=2",
+        *_cache_overrides(tmp_path / "caches"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
