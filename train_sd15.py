@@ -217,6 +217,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         manifold_upper_only=bool(lcfg.get("manifold_upper_only", False)),
     ).to(accelerator.device)
 
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(tcfg["mixed_precision"]))
+    if weight_dtype is not None:
+        # diffusers' LoRA-example convention: frozen weights in the compute dtype (half their memory, no
+        # per-step casts under autocast); the trained parameters stay fp32 for AdamW and the EMA.
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(weight_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     mode = cfg["model"].get("finetune", "lora")
     lr = ocfg.get("lr") or (2e-4 if mode == "lora" else 1e-4)
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     running: dict[str, torch.Tensor] = {}
     last_logged: dict[str, float] = {}
     bar = progress(total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
-    t_last = time.perf_counter()
+    t_last, last_log_step = time.perf_counter(), state.step
     model.train()
 
     while state.step < max_steps:
@@ -352,15 +359,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 logs.update(
                     lr=lr_scheduler.get_last_lr()[0],
                     skipped_steps=state.skipped_steps,
-                    steps_per_s=log_every / dt,
+                    steps_per_s=(state.step - last_log_step) / dt,
                 )
+                if accelerator.device.type == "cuda":
+                    logs["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
                 accelerator.log(logs, step=state.step)
                 bar.set_postfix(
                     loss=f"{logs.get('loss', float('nan')):.4f}", gn=f"{logs.get('grad_norm', 0):.3f}"
                 )
                 last_logged = logs
                 running = {}
-                t_last = time.perf_counter()
+                t_last, last_log_step = time.perf_counter(), state.step
 
             stopping = stop_at is not None and state.step >= stop_at
             if (ckpt_every and (state.step % ckpt_every == 0 or state.step == max_steps)) or stopping:

@@ -5,10 +5,30 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, so
+    ``mixed_precision: no`` (or ``--set train.mixed_precision=no``) would become False instead of "no"."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def yaml_load(text: Any) -> Any:
+    """``yaml.safe_load`` with :class:`ConfigLoader` (YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -19,7 +39,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ValueError(f"override {item!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml_load(raw) if raw.strip() else ""
     # YAML reads "1e-4" as a string; users mean a number.
     if isinstance(value, str):
         try:
@@ -64,7 +84,7 @@ def load_config(
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        config = yaml.safe_load(f) or {}
+        config = yaml_load(f) or {}
     if not isinstance(config, dict):
         raise ValueError(f"config {path} must be a YAML mapping, got {type(config).__name__}")
     base = config.pop("base", None)

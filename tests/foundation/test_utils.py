@@ -74,6 +74,23 @@ def test_config_overrides_and_base(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_config_reads_yes_no_on_off_as_strings(tmp_path):
+    # YAML 1.1 would turn these into booleans: mixed_precision "no" would reach accelerate as False.
+    (tmp_path / "c.yaml").write_text(
+        "train:\n  mixed_precision: no\n  flag: true\n  mode: off\n  x: yes\n  other: 1\n  b: 1\n  n: 1\n"
+    )
+    cfg = load_config(tmp_path / "c.yaml", ["train.other=no", "train.b=False", "train.n=null"])
+    assert cfg["train"] == {
+        "mixed_precision": "no",
+        "flag": True,
+        "mode": "off",
+        "x": "yes",
+        "other": "no",
+        "b": False,
+        "n": None,
+    }
+
+
 def test_images(tmp_path):
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     back = pil_to_tensor(to_pil(x[0]))

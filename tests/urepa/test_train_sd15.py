@@ -85,6 +85,30 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_assets, data):
     assert any("lora_A" in k for k in a["trainable_state.safetensors"])
 
 
+def test_bf16_run_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(tmp_path, tiny_assets):
+    from diffusers import UNet2DConditionModel
+
+    seen = {}
+    orig = UNet2DConditionModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen["frozen"] = self.conv_in.weight.dtype
+        return orig(self, *args, **kwargs)
+
+    UNet2DConditionModel.forward = spy
+    try:
+        run = _run(
+            tmp_path, "bf16", tiny_assets, "train.max_steps=2", "train.checkpointing_steps=2",
+            "train.mixed_precision=bf16",
+        )  # fmt: skip
+    finally:
+        UNet2DConditionModel.forward = orig
+    assert seen["frozen"] == torch.bfloat16
+    assert torch.isfinite(torch.tensor(run["logs"]["loss"]))
+    trained = _state(run["out"] / "checkpoint-2")
+    assert {t.dtype for f in trained.values() for t in f.values()} == {torch.float32}
+
+
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, tiny_assets):
     import train_sd15
 

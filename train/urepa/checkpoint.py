@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import yaml
 
+from utils.config import yaml_load
+
 TRAINABLE_FILE = "trainable_state.safetensors"
 EMA_FILE = "ema_state.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -65,7 +67,7 @@ def load_checkpoint_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a train_sd15.py checkpoint directory?")
-    return yaml.safe_load(path.read_text())
+    return yaml_load(path.read_text())
 
 
 class TrainState:
