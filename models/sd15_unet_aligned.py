@@ -32,11 +32,32 @@ LORA_ATTENTION_SUFFIXES: tuple[str, ...] = (".to_q", ".to_k", ".to_v", ".to_out.
 LORA_CONV_SUFFIXES: tuple[str, ...] = (".conv1", ".conv2")
 
 
+def bilinear_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """[out_size, in_size] weights of 1-D bilinear resampling as ``F.interpolate(..., mode="bilinear",
+    align_corners=False)`` computes it (source index ``(dst + 0.5) * in/out - 0.5`` clamped at 0, no
+    antialias). Bilinear resampling is separable, so ``A_h @ x @ A_w.T`` equals the 2-D interpolation."""
+    dst = torch.arange(out_size, dtype=torch.float64)
+    src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    w1 = src - i0
+    a = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    a.index_put_((rows, i0), 1.0 - w1, accumulate=True)
+    a.index_put_((rows, i1), w1, accumulate=True)
+    return a.float()
+
+
 class AlignHead(nn.Module):
     """U-Net feature map [B,C,H,W] -> L2-normalised tokens [B, gh*gw, D] on the DINO patch grid.
 
     1x1 conv (no bias) -> GroupNorm(32, D) -> GELU at the U-Net resolution, then bilinear upsampling to the
     grid, flatten, L2 normalise in fp32 (bf16 normalisation is a known source of NaN in REPA).
+
+    The upsampling is the same bilinear map as ``F.interpolate(align_corners=False)`` written as two small
+    matrix products (:func:`bilinear_matrix`) that also put the tokens in [B, N, D] order: on an H100 the
+    interpolate backward (atomic adds) plus the transposed token layout made head + loss ~5 % of an SD-1.5
+    step at batch 48; the matrix form is deterministic and measured in docs/urepa.md.
     """
 
     def __init__(
@@ -52,15 +73,29 @@ class AlignHead(nn.Module):
         self.proj = nn.Sequential(
             nn.Conv2d(in_ch, D, kernel_size=1, bias=False), nn.GroupNorm(num_groups, D), nn.GELU()
         )
+        self._resample: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         if feat.ndim != 4 or feat.shape[1] != self.in_ch:
             raise ValueError(f"AlignHead expects [B,{self.in_ch},H,W], got {tuple(feat.shape)}")
-        x = self.proj(feat)
-        if tuple(x.shape[-2:]) != self.grid:
-            x = F.interpolate(x.float(), size=self.grid, mode="bilinear", align_corners=False)
-        x = x.flatten(2).transpose(1, 2)
-        return F.normalize(x.float(), dim=-1)
+        x = self.proj(feat).float()
+        b, d, h, w = x.shape
+        if (h, w) == self.grid:
+            tokens = x.flatten(2).transpose(1, 2)
+        else:
+            a_h, a_w = self._resample_matrices(h, w, x.device)
+            # [B,D,h,w] -> [B,gh,gw,D]: contiguous tokens, and a backward without atomics
+            tokens = torch.einsum("ih,bdhw,jw->bijd", a_h, x, a_w).reshape(b, -1, d)
+        return F.normalize(tokens, dim=-1)
+
+    def _resample_matrices(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (h, w)
+        if key not in self._resample or self._resample[key][0].device != device:
+            self._resample[key] = (
+                bilinear_matrix(self.grid[0], h).to(device),
+                bilinear_matrix(self.grid[1], w).to(device),
+            )
+        return self._resample[key]
 
 
 def align_module(unet: nn.Module, layer: str) -> nn.Module:

@@ -1,6 +1,8 @@
 """Per-step training time of U-REPA (lambda 0.8, w 3) vs the baseline (lambda 0) on an SD-1.5-shaped U-Net.
 
     python script/bench/bench_urepa_step.py [--latent 32] [--batch 1] [--steps 4] [--layers mid]
+    python script/bench/bench_urepa_step.py --device cuda --mixed_precision bf16 --latent 64 --batch 48 \
+        --steps 10 --profile      # on a GPU; --profile also lists the CUDA kernels that differ
 
 Random-init UNet2DConditionModel with SD-1.5's real config (860M params; no weights needed), LoRA rank 32 on the
 whitelist, AlignHead 1280 -> 1024 upsampled to 16x16 (DINOv2 ViT-L/14 at 224 px). A step = forward, loss,
@@ -50,6 +52,14 @@ def main() -> None:
     )
     p.add_argument("--layers", nargs="+", default=["mid"], help="Aligned layers.")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda.")
+    p.add_argument(
+        "--mixed_precision",
+        default="no",
+        choices=["no", "bf16"],
+        help="bf16: autocast and frozen weights in bf16, as train_sd15.py does.",
+    )
+    p.add_argument("--profile", action="store_true", help="Print the top CUDA kernels of one step of each.")
     p.add_argument(
         "--head_reps", type=int, default=50, help="Repetitions of the head + alignment-loss timing."
     )
@@ -62,29 +72,46 @@ def main() -> None:
     from models.sd15_unet_aligned import SD15UNetAligned
 
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     model = SD15UNetAligned(
         unet, align_layers=args.layers, D=1024, grid=(16, 16), lora_config={"rank": 32}, verbose=False
-    )
+    ).to(device)
+    amp = args.mixed_precision == "bf16"
+    if amp:
+        for q in model.parameters():
+            if not q.requires_grad:
+                q.data = q.data.to(torch.bfloat16)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ac = torch.linspace(0.9991, 0.0047, 1000)
-    losses = {0.8: URepaLoss(ac, align_coeff=0.8, manifold_coeff=3.0), 0.0: URepaLoss(ac, align_coeff=0.0)}
-    g = torch.Generator().manual_seed(0)
+    losses = {
+        0.8: URepaLoss(ac, align_coeff=0.8, manifold_coeff=3.0).to(device),
+        0.0: URepaLoss(ac, align_coeff=0.0).to(device),
+    }
+    g = torch.Generator(device=device).manual_seed(0)
     b, s = args.batch, args.latent
-    x = torch.randn(b, 4, s, s, generator=g)
-    ctx = torch.randn(b, 77, 768, generator=g)
+    x = torch.randn(b, 4, s, s, generator=g, device=device)
+    ctx = torch.randn(b, 77, 768, generator=g, device=device)
     dino = {
-        layer: torch.nn.functional.normalize(torch.randn(b, 256, 1024, generator=g), dim=-1)
+        layer: torch.nn.functional.normalize(torch.randn(b, 256, 1024, generator=g, device=device), dim=-1)
         for layer in args.layers
     }
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     def step(lam: float) -> float:
+        sync()
         t0 = time.perf_counter()
-        out = losses[lam](model, x, dino, ctx, generator=g)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = losses[lam](model, x, dino, ctx, generator=g)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t0
 
     times: dict[float, list[float]] = {0.8: [], 0.0: []}
@@ -94,20 +121,38 @@ def main() -> None:
         order = (0.8, 0.0) if i % 2 == 0 else (0.0, 0.8)
         for lam in order:
             times[lam].append(step(lam))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        for lam in (0.0, 0.8):
+            with profile(activities=acts) as prof:
+                step(lam)
+            key = "cuda_time_total" if cuda else "cpu_time_total"
+            print(f"\n### profile of one step, lambda={lam}")
+            print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
     # The only extra work of lambda > 0 is head + alignment loss (forward and backward); timing it alone over
     # many repetitions is robust to the machine-load noise that full-step timings on a shared CPU suffer from.
     from losses.urepa import alignment_loss
     from models.sd15_unet_aligned import capture_features
 
-    with capture_features(unet, args.layers) as feats, torch.no_grad():
-        unet(x, torch.full((b,), 500), encoder_hidden_states=ctx)
+    with (
+        capture_features(unet, args.layers) as feats,
+        torch.no_grad(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
+    ):
+        unet(x, torch.full((b,), 500, device=device), encoder_hidden_states=ctx)
     head_times = []
     for _ in range(args.head_reps):
+        sync()
         t0 = time.perf_counter()
-        tokens = {
-            layer: model.heads[layer](feats[layer].clone().requires_grad_(True)) for layer in args.layers
-        }
-        (0.8 * alignment_loss(tokens, dino, 3.0)["loss_align"]).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            tokens = {
+                layer: model.heads[layer](feats[layer].clone().requires_grad_(True)) for layer in args.layers
+            }
+            loss_align = 0.8 * alignment_loss(tokens, dino, 3.0)["loss_align"]
+        loss_align.backward()
+        sync()
         head_times.append(time.perf_counter() - t0)
     opt.zero_grad(set_to_none=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -115,7 +160,8 @@ def main() -> None:
     print(
         f"SD-1.5 U-Net (random init, {sum(q.numel() for q in unet.parameters()) / 1e6:.0f}M params), "
         f"LoRA trainable {sum(q.numel() for q in params) / 1e6:.2f}M, latent {s}x{s}, batch {b}, "
-        f"layers {args.layers}, {args.threads} threads, {args.steps} steps each"
+        f"layers {args.layers}, {args.device} ({args.mixed_precision}), {args.threads} threads, "
+        f"{args.steps} steps each"
     )
     for lam in (0.0, 0.8):
         print(

@@ -33,17 +33,39 @@ def test_align_head_shapes_normalisation_and_order():
     tok = head(feat)
     assert tok.shape == (3, 24, 64) and tok.dtype == torch.float32
     torch.testing.assert_close(tok.norm(dim=-1), torch.ones(3, 24))
+
     # project first (at 2x3), upsample after: independent recomputation
-    ref = F.gelu(
-        F.group_norm(F.conv2d(feat, head.proj[0].weight), 32, head.proj[1].weight, head.proj[1].bias)
-    )
-    ref = F.interpolate(ref, size=(4, 6), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(tok, F.normalize(ref, dim=-1))
+    def reference(f):
+        y = F.gelu(F.group_norm(F.conv2d(f, head.proj[0].weight), 32, head.proj[1].weight, head.proj[1].bias))
+        return F.interpolate(y, size=(4, 6), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+    torch.testing.assert_close(tok, F.normalize(reference(feat), dim=-1))
     assert head(torch.randn(1, 48, 4, 6)).shape == (1, 24, 64)  # already on the grid: no resize
+    # gradients of the matrix-form upsampling equal F.interpolate's
+    feat = feat.requires_grad_(True)
+    w = torch.randn(3, 24, 64)
+    (head(feat) * w).sum().backward()
+    grad = feat.grad.clone()
+    feat.grad = None
+    (F.normalize(reference(feat), dim=-1) * w).sum().backward()
+    torch.testing.assert_close(grad, feat.grad)
     with pytest.raises(ValueError, match="divisible"):
         AlignHead(in_ch=8, D=40)
     with pytest.raises(ValueError, match=r"expects \[B,48"):
         head(torch.randn(1, 32, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "src,dst", [((8, 8), (16, 16)), ((7, 5), (16, 12)), ((16, 16), (7, 9)), ((1, 2), (4, 4))]
+)
+def test_bilinear_matrix_equals_interpolate(src, dst):
+    from models.sd15_unet_aligned import bilinear_matrix
+
+    x = torch.randn(2, 3, *src, dtype=torch.float64)
+    want = F.interpolate(x, size=dst, mode="bilinear", align_corners=False)
+    a_h, a_w = bilinear_matrix(dst[0], src[0]).double(), bilinear_matrix(dst[1], src[1]).double()
+    torch.testing.assert_close(a_h @ x @ a_w.T, want, rtol=0, atol=1e-6)
+    assert torch.allclose(a_h.sum(1), torch.ones(dst[0], dtype=torch.float64))  # rows are convex weights
 
 
 def test_lora_whitelist_exact_modules(unet_factory):
