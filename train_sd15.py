@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if isinstance(dataset, SD15AlignedDataset):
         # Workers read whole batches straight into the batch tensors (one copy per record; measured in
         # docs/urepa_preprocessing.md). Same sampler, so accelerate shards, seeds and skips it as usual.
-        loader = make_batched_loader(dataset, seed=None, **loader_kwargs)
+        loader = make_batched_loader(dataset, seed=None, compact=True, **loader_kwargs)
     else:  # data.factory datasets (tests, synthetic runs)
         loader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
 
@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
 
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    prompt_table = table.to(
+        accelerator.device
+    )  # [K+1, 77, dim] in its stored dtype (118 MB fp16 for 1000 classes)
     ema_device = accelerator.device
     ema.shadow = {k: v.to(ema_device) for k, v in ema.shadow.items()}
     accelerator.register_for_checkpointing(ema, state)
@@ -306,7 +309,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 break
             g = step_generator(seed, state.step, accelerator.process_index, accelerator.device)
             latents = batch["latent"].float()
-            ehs = apply_cfg_dropout(batch["encoder_hidden_states"].float(), null_embedding, p_drop, g)
+            if "prompt_index" in batch:  # compact batches: prompt rows are looked up on the device
+                ehs = prompt_table[batch["prompt_index"]].float()
+            else:
+                ehs = batch["encoder_hidden_states"].float()
+            ehs = apply_cfg_dropout(ehs, null_embedding, p_drop, g)
             out = criterion(model, latents, batch["dino_tokens"], ehs, generator=g)
             finite = accelerator.reduce(torch.isfinite(out["loss"].detach()).float(), reduction="sum")
             stepped = False

@@ -305,21 +305,32 @@ class SD15AlignedDataset(Dataset):
             "class_id": class_id,
         }
 
-    def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+    def get_batch(self, indices: Sequence[int], compact: bool = False) -> dict[str, Any]:
         """The collated batch of ``indices``, read straight into preallocated tensors (one copy per record).
 
         Equal to ``default_collate([ds[i] for i in indices])`` but without per-sample tensors and the collate
         copy; :func:`make_batched_loader` uses it (through :class:`BatchedReads`).
+
+        ``compact=True`` is the form the trainer reads: latents stay in the cache dtype (fp16: half the bytes;
+        cast on the GPU) unless posterior sampling has to compute them, and instead of a [77, dim] fp32 prompt
+        embedding per sample (236 KB at SD-1.5's 768, more than the latent and a third of the token record) the
+        batch holds ``prompt_index``, the row of the embedding table (the null row for CFG-dropped samples),
+        to look up on the device.
         """
         idx = [int(i) + (len(self) if int(i) < 0 else 0) for i in indices]
         n = len(idx)
-        lat = torch.empty((n, *self.latents.shape), dtype=self.latents.dtype)
+        stored = compact and not (self._has_moments and self.sample_posterior)
+        lat_shape = (n, *self.latents.shape)
+        if stored and not self._has_moments:  # read straight into the batch tensor that is handed over
+            lat = _batch_tensor(lat_shape, self.latents.dtype)
+        else:
+            lat = torch.empty(lat_shape, dtype=self.latents.dtype)
         tok = _batch_tensor((n, *self.dino.shape), self.dino.dtype)
         for j, i in enumerate(idx):
             sid = self._ids[i].decode()
             self.latents.read_into(sid, lat[j], int(self._lat_shard[i]))
             self.dino.read_into(sid, tok[j], int(self._dino_shard[i]))
-        latent = lat.float()
+        latent = lat if stored else lat.float()
         if self._has_moments:
             mean, std = latent[:, 0], latent[:, 1]
             if self.sample_posterior:
@@ -341,16 +352,20 @@ class SD15AlignedDataset(Dataset):
         rows = torch.tensor(
             [self.null_index if self.is_dropped(i) else int(c) for i, c in zip(idx, class_ids)]
         )
-        hidden = _batch_tensor((n, *self.embeddings.shape[1:]), torch.float32)
-        hidden.copy_(self.embeddings[rows])
-        out_latent = _batch_tensor(tuple(latent.shape), torch.float32)
-        out_latent.copy_(latent)
-        return {
-            "latent": out_latent,
-            "dino_tokens": {name: tok for name in self.layers},
-            "encoder_hidden_states": hidden,
-            "class_id": class_ids,
-        }
+        if latent is lat:
+            out_latent = lat
+        else:
+            out_latent = _batch_tensor(tuple(latent.shape), latent.dtype)
+            out_latent.copy_(latent)
+        batch: dict[str, Any] = {"latent": out_latent, "dino_tokens": {name: tok for name in self.layers}}
+        if compact:
+            batch["prompt_index"] = rows
+        else:
+            hidden = _batch_tensor((n, *self.embeddings.shape[1:]), torch.float32)
+            hidden.copy_(self.embeddings[rows])
+            batch["encoder_hidden_states"] = hidden
+        batch["class_id"] = class_ids
+        return batch
 
     @property
     def null_embedding(self) -> torch.Tensor:
@@ -386,8 +401,9 @@ class BatchedReads(Dataset):
     stays usable with the default collate.
     """
 
-    def __init__(self, dataset: SD15AlignedDataset) -> None:
+    def __init__(self, dataset: SD15AlignedDataset, compact: bool = False) -> None:
         self.dataset = dataset
+        self.compact = compact
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -396,7 +412,7 @@ class BatchedReads(Dataset):
         return self.dataset[index]
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        return self.dataset.get_batch(indices)
+        return self.dataset.get_batch(indices, compact=self.compact)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -414,6 +430,7 @@ def make_batched_loader(
     drop_last: bool = True,
     num_workers: int = 4,
     seed: int | None = 0,
+    compact: bool = False,
     **loader_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader whose workers build whole batches with :meth:`SD15AlignedDataset.get_batch`.
@@ -421,11 +438,12 @@ def make_batched_loader(
     Same batches as ``DataLoader(dataset, batch_size, shuffle, drop_last=...)`` with the default collate (same
     sampler, same order for the same ``seed``), but each record is copied once (LMDB page -> batch tensor)
     instead of twice. ``seed=None`` leaves the shuffle generator unset (accelerate's seedable sampler then
-    seeds it from ``data_seed``).
+    seeds it from ``data_seed``). ``compact=True``: batches in :meth:`SD15AlignedDataset.get_batch`'s compact
+    form (cache-dtype latents, ``prompt_index`` instead of ``encoder_hidden_states``).
     """
     generator = torch.Generator().manual_seed(seed) if (shuffle and seed is not None) else None
     return DataLoader(
-        BatchedReads(dataset),
+        BatchedReads(dataset, compact=compact),
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=drop_last,

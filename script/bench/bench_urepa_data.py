@@ -126,25 +126,40 @@ def bench_loader(args: argparse.Namespace, work: Path) -> None:
     )
     bs = args.batch_size
     raw_sequential(root, ids, bs, False)  # warm the page cache for both sides
-    med = lambda f: float(np.median([f() for _ in range(args.repeats)]))  # noqa: E731
-    raw_drop = med(lambda: raw_sequential(root, ids, bs, False))
-    raw_keep = med(lambda: raw_sequential(root, ids, bs, True))
+    loaders = {}
+    for workers in args.loader_workers:
+        kw = {"num_workers": workers, "prefetch_factor": 4 if workers else None}
+        loaders[("DataLoader + default collate", workers)] = DataLoader(
+            ds, batch_size=bs, shuffle=False, **kw
+        )
+        loaders[("make_batched_loader", workers)] = make_batched_loader(
+            ds, bs, shuffle=False, drop_last=False, **kw
+        )
+        loaders[("make_batched_loader(compact=True), as train_sd15.py", workers)] = make_batched_loader(
+            ds, bs, shuffle=False, drop_last=False, compact=True, **kw
+        )
+    # Rounds: each round measures the raw reads and every loader once, so drifts in machine load and memory
+    # state hit all of them alike; medians over the rounds are reported.
+    runs: dict = {"drop": [], "keep": [], **{k: [] for k in loaders}}
+    for _ in range(args.repeats):
+        runs["drop"].append(raw_sequential(root, ids, bs, False))
+        runs["keep"].append(raw_sequential(root, ids, bs, True))
+        for key, loader in loaders.items():
+            runs[key].append(loader_rate(loader))
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    raw_drop, raw_keep = med["drop"], med["keep"]
     print(
         "\n## Loader vs raw sequential LMDB reads (same records, page cache warm, batch "
-        f"{bs}, {args.num_records} samples)"
+        f"{bs}, {args.num_records} samples, median of {args.repeats} interleaved rounds)"
     )
     print(
-        f"raw reads, record dropped at once: {raw_drop:.0f} samples/s; raw reads, batch held: {raw_keep:.0f} samples/s"
+        f"raw reads, record dropped at once: {raw_drop:.0f} samples/s; raw reads, batch held: {raw_keep:.0f} "
+        f"samples/s (rounds: {[round(x) for x in runs['keep']]})"
     )
     print("| loader | workers | samples/s | vs raw (batch held) | vs raw (dropped at once) |")
     print("|---|---|---|---|---|")
-    for workers in args.loader_workers:
-        kw = {"num_workers": workers, "prefetch_factor": 4 if workers else None}
-        default = DataLoader(ds, batch_size=bs, shuffle=False, **kw)
-        batched = make_batched_loader(ds, bs, shuffle=False, drop_last=False, **kw)
-        for name, loader in (("DataLoader + default collate", default), ("make_batched_loader", batched)):
-            got = med(lambda loader=loader: loader_rate(loader))
-            print(f"| {name} | {workers} | {got:.0f} | {got / raw_keep:.2f}x | {got / raw_drop:.2f}x |")
+    for (name, workers), got in ((k, med[k]) for k in loaders):
+        print(f"| {name} | {workers} | {got:.0f} | {got / raw_keep:.2f}x | {got / raw_drop:.2f}x |")
 
 
 def write_jpegs(root: Path, n: int) -> Path:

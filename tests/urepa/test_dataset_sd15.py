@@ -252,3 +252,21 @@ def test_batched_loader_equals_default_collate(tmp_path):
     )
     assert [torch.equal(a, b["class_id"]) for a, b in zip(shuffled, plain)] == [True, True]
     assert not torch.equal(torch.cat(shuffled), torch.arange(16))
+
+
+@pytest.mark.parametrize("moments,posterior", [(False, False), (True, False), (True, True)])
+def test_compact_batches_hold_the_same_data(tmp_path, moments, posterior):
+    from datasets.sd15_aligned import make_batched_loader
+
+    root = make_caches(tmp_path, n=20, moments=moments)
+    ds = _ds(root, cfg_dropout=0.5, sample_posterior=posterior)
+    full, compact = ds.get_batch([3, 19, 7, 0]), ds.get_batch([3, 19, 7, 0], compact=True)
+    assert set(compact) == {"latent", "dino_tokens", "prompt_index", "class_id"}
+    assert compact["latent"].dtype == (torch.float32 if posterior else torch.float16)
+    assert torch.equal(compact["latent"].float(), full["latent"])
+    assert torch.equal(ds.embeddings[compact["prompt_index"]].float(), full["encoder_hidden_states"])
+    assert 3 in compact["prompt_index"].tolist()  # some samples dropped to the null row (index 3) at p=0.5
+    assert torch.equal(compact["dino_tokens"]["mid"], full["dino_tokens"]["mid"])
+    batches = list(make_batched_loader(ds, 8, shuffle=False, num_workers=2, compact=True))
+    assert [b["prompt_index"].shape[0] for b in batches] == [8, 8]
+    assert torch.equal(batches[1]["latent"].float(), ds.get_batch(range(8, 16))["latent"])
