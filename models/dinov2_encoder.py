@@ -274,10 +274,67 @@ def _hf_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# transformers releases before the q_proj/o_proj refactor (all of 4.x, and 5.x up to at least 5.17) name the
+# same block tensors differently and keep SwiGLU's input projection fused; the hub's model files use these
+# names too. The converters above speak the newer names; these two translate for the installed model.
+_LEGACY_RENAMES = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.down_proj": "mlp.weights_out",
+}
+_LEGACY_FUSED = (("mlp.gate_proj", "mlp.up_proj"), "mlp.weights_in")
+_LAYER_KEY_RE = re.compile(r"^(encoder\.layer\.\d+\.)(.+)\.(weight|bias)$")
+
+
+def uses_legacy_hf_names(model: nn.Module) -> bool:
+    """Whether the installed transformers names DINOv2 attention ``attention.attention.query`` (older)."""
+    return any(".attention.attention.query." in k for k in model.state_dict())
+
+
+def _modern_to_legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    (gate, up), legacy_fused = _LEGACY_FUSED
+    for key, value in state_dict.items():
+        m = _LAYER_KEY_RE.match(key)
+        if m and m.group(2) in _LEGACY_RENAMES:
+            out[f"{m.group(1)}{_LEGACY_RENAMES[m.group(2)]}.{m.group(3)}"] = value
+        elif m and m.group(2) in (gate, up):
+            fused.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for (prefix, param), parts in fused.items():
+        out[f"{prefix}{legacy_fused}.{param}"] = torch.cat([parts[gate], parts[up]], dim=0)
+    return out
+
+
+def _legacy_to_modern(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    back = {v: k for k, v in _LEGACY_RENAMES.items()}
+    (gate, up), legacy_fused = _LEGACY_FUSED
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _LAYER_KEY_RE.match(key)
+        if m and m.group(2) in back:
+            out[f"{m.group(1)}{back[m.group(2)]}.{m.group(3)}"] = value
+        elif m and m.group(2) == legacy_fused:
+            g, u = value.chunk(2, dim=0)  # SwiGLU: x1, x2 = weights_in(x).chunk(2); silu(x1) * x2
+            out[f"{m.group(1)}{gate}.{m.group(3)}"] = g
+            out[f"{m.group(1)}{up}.{m.group(3)}"] = u
+        else:
+            out[key] = value
+    return out
+
+
+def _model_state_modern(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return _legacy_to_modern(sd) if uses_legacy_hf_names(model) else sd
+
+
 def export_official_state_dict(encoder: DINOv2Encoder) -> dict[str, torch.Tensor]:
     """The encoder's weights in the official torch.hub layout (fused qkv / w12, ``ls1.gamma``, ``pos_embed``...)."""
-    hf = {k: v.detach().clone().contiguous() for k, v in encoder.model.state_dict().items()}
-    return _hf_to_official(hf)
+    return _hf_to_official(_model_state_modern(encoder.model))
 
 
 def save_official_checkpoint(encoder: DINOv2Encoder, path: str | os.PathLike) -> Path:
@@ -422,7 +479,7 @@ class DINOv2Encoder(nn.Module):
     def _load_official_state_dict(
         self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
     ) -> None:
-        expected = {k: v.shape for k, v in _hf_to_official(self.model.state_dict()).items()}
+        expected = {k: v.shape for k, v in _hf_to_official(_model_state_modern(self.model)).items()}
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
         guess = _infer_variant(state_dict)
@@ -449,6 +506,8 @@ class DINOv2Encoder(nn.Module):
             )
         converted, unknown = _official_to_hf(state_dict)
         assert not unknown, unknown  # every key was checked against the expected layout above
+        if uses_legacy_hf_names(self.model):
+            converted = _modern_to_legacy(converted)
         on_meta = any(p.is_meta for p in self.model.parameters())
         converted = {k: v.float().contiguous() for k, v in converted.items()}
         result = self.model.load_state_dict(converted, strict=True, assign=on_meta)

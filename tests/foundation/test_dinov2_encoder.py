@@ -354,3 +354,36 @@ def test_missing_weights_name_the_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match="not-a-real-org/dinov2-nothing"):
         DINOv2Encoder.from_pretrained("not-a-real-org/dinov2-nothing", variant="vitb14")
+
+
+def test_legacy_transformers_names_round_trip():
+    """transformers releases before the q_proj refactor (4.x, 5.x up to 5.17) name block tensors
+    attention.attention.query / attention.output.dense / mlp.weights_in (fused) / mlp.weights_out."""
+    from models.dinov2_encoder import _legacy_to_modern, _modern_to_legacy
+
+    g = torch.Generator().manual_seed(0)
+    p = "encoder.layer.3."
+    modern = {
+        p + "attention.q_proj.weight": torch.randn(4, 4, generator=g),
+        p + "attention.o_proj.bias": torch.randn(4, generator=g),
+        p + "mlp.gate_proj.weight": torch.randn(6, 4, generator=g),
+        p + "mlp.up_proj.weight": torch.randn(6, 4, generator=g),
+        p + "mlp.down_proj.weight": torch.randn(4, 6, generator=g),
+        p + "layer_scale1.lambda1": torch.randn(4, generator=g),
+        "embeddings.cls_token": torch.randn(1, 1, 4, generator=g),
+    }
+    legacy = _modern_to_legacy(modern)
+    assert sorted(legacy) == sorted(
+        [
+            p + "attention.attention.query.weight",
+            p + "attention.output.dense.bias",
+            p + "mlp.weights_in.weight",
+            p + "mlp.weights_out.weight",
+            p + "layer_scale1.lambda1",
+            "embeddings.cls_token",
+        ]
+    )
+    # fused as SwiGLU computes it: x1, x2 = weights_in(x).chunk(2); silu(x1) * x2 -> gate first
+    assert torch.equal(legacy[p + "mlp.weights_in.weight"][:6], modern[p + "mlp.gate_proj.weight"])
+    back = _legacy_to_modern(legacy)
+    assert back.keys() == modern.keys() and all(torch.equal(back[k], modern[k]) for k in modern)
