@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -26,6 +27,7 @@ from train.urepa.checkpoint import TrainState, save_extra_state  # noqa: E402
 from train.urepa.data import (  # noqa: E402
     apply_cfg_dropout,
     build_dataset,
+    cfg_dropout_mask,
     dataset_metadata,
     embedding_table,
     grid_from_metadata,
@@ -146,10 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = load_config(args.config, args.overrides)
     tcfg, lcfg, ocfg = cfg["train"], cfg["loss"], cfg["optim"]
     out_dir = Path(cfg["output_dir"])
-    if int(tcfg.get("gradient_accumulation_steps", 1)) != 1:
-        raise ValueError(
-            "train.gradient_accumulation_steps must be 1 (raise train.batch_size or processes instead)"
-        )
+    accum = tcfg.get("gradient_accumulation_steps", 1)
+    if not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"train.gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
 
     accelerator = Accelerator(
         # Without a GPU accelerate only forms a multi-process (gloo) group when told it runs on CPU.
@@ -177,10 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         save_config(cfg, out_dir / "config.yaml")
     null_embedding = table[-1].float()
     batch_size = int(tcfg["batch_size"])
-    if len(dataset) < batch_size * accelerator.num_processes:
+    if len(dataset) < batch_size * accelerator.num_processes * accum:
         raise ValueError(
             f"dataset has {len(dataset)} samples, fewer than one global batch "
-            f"({batch_size} x {accelerator.num_processes} processes)"
+            f"({batch_size} x {accelerator.num_processes} processes x {accum} accumulation steps)"
         )
     loader_kwargs = dict(
         batch_size=batch_size,
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if accelerator.is_main_process:
         accelerator.init_trackers("sd15_urepa", config=_flat_scalars(cfg))
 
-    steps_per_epoch = len(loader)
+    # One optimizer step = `accum` micro-batches; an epoch's last len(loader) % accum micro-batches are dropped.
+    steps_per_epoch = len(loader) // accum
     max_bad = int(tcfg["max_consecutive_nonfinite"])
     consecutive_bad = 0
     log_every = int(tcfg["log_every"])
@@ -298,35 +300,72 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     t_last, last_log_step = time.perf_counter(), state.step
     model.train()
 
-    while state.step < max_steps:
-        epoch, skip = divmod(state.step, steps_per_epoch)
-        loader.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in epoch_loader:
-            if state.step >= max_steps:
-                break
-            g = step_generator(seed, state.step, accelerator.process_index, accelerator.device)
+    def train_step(micro_batches: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+        """Forward/backward over the micro-batches (gradients summed, DDP all-reduce on the last one only),
+        then clip, AdamW, LR and EMA -- unless any loss or the gradient norm is non-finite on any rank."""
+        g = step_generator(seed, state.step, accelerator.process_index, accelerator.device)
+        n = len(micro_batches)
+        # Random draws for the whole accumulated batch, in the order a single batch draws them: k micro-batches
+        # of b see exactly the dropout, noise and timesteps of one batch of k*b (tested).
+        sizes = [int(b["latent"].shape[0]) for b in micro_batches]
+        total = sum(sizes)
+        drop = cfg_dropout_mask(total, p_drop, g)
+        noise = torch.randn((total, *micro_batches[0]["latent"].shape[1:]), generator=g, device=g.device)
+        timesteps = torch.randint(0, criterion.num_train_timesteps, (total,), generator=g, device=g.device)
+        out: dict[str, torch.Tensor] = {}
+        all_finite = True
+        start = 0
+        for i, batch in enumerate(micro_batches):
+            part = slice(start, start + sizes[i])
+            start += sizes[i]
             latents = batch["latent"].float()
             if "prompt_index" in batch:  # compact batches: prompt rows are looked up on the device
                 ehs = prompt_table[batch["prompt_index"]].float()
             else:
                 ehs = batch["encoder_hidden_states"].float()
-            ehs = apply_cfg_dropout(ehs, null_embedding, p_drop, g)
-            out = criterion(model, latents, batch["dino_tokens"], ehs, generator=g)
-            finite = accelerator.reduce(torch.isfinite(out["loss"].detach()).float(), reduction="sum")
-            stepped = False
-            grad_norm = torch.tensor(float("nan"))
-            if int(finite.item()) == accelerator.num_processes:  # every rank agrees, or DDP would hang
-                accelerator.backward(out["loss"])
-                grad_norm = accelerator.clip_grad_norm_(params, float(ocfg["max_grad_norm"]))
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                    lr_scheduler.step()
-                    ema.update(accelerator.unwrap_model(model))
-                    stepped = True
-            optimizer.zero_grad(set_to_none=True)
+            if drop is not None:
+                ehs = apply_cfg_dropout(ehs, null_embedding, p_drop, mask=drop[part])
+            with accelerator.no_sync(model) if i < n - 1 else contextlib.nullcontext():
+                micro = criterion(
+                    model, latents, batch["dino_tokens"], ehs, noise=noise[part], timesteps=timesteps[part]
+                )
+                finite = accelerator.reduce(torch.isfinite(micro["loss"].detach()).float(), reduction="sum")
+                # every rank agrees, or DDP would hang
+                all_finite = int(finite.item()) == accelerator.num_processes
+                if all_finite:
+                    accelerator.backward(micro["loss"] / n)
+            for k, v in micro.items():
+                out[k] = out.get(k, 0.0) + v.detach() / n
+            if not all_finite:
+                break
+        grad_norm = torch.tensor(float("nan"))
+        stepped = False
+        if all_finite:
+            grad_norm = accelerator.clip_grad_norm_(params, float(ocfg["max_grad_norm"]))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                lr_scheduler.step()
+                ema.update(accelerator.unwrap_model(model))
+                stepped = True
+        optimizer.zero_grad(set_to_none=True)
+        return out, grad_norm, stepped
+
+    while state.step < max_steps:
+        epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        skip = step_in_epoch * accum
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        micro_batches: list[dict[str, Any]] = []
+        for batch in epoch_loader:
+            if state.step >= max_steps:
+                break
+            micro_batches.append(batch)
+            if len(micro_batches) < accum:
+                continue
+            out, grad_norm, stepped = train_step(micro_batches)
+            micro_batches = []
             if stepped:
                 consecutive_bad = 0
             else:

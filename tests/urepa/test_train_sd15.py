@@ -70,12 +70,14 @@ def test_cached_data_trains_exactly_like_the_same_samples_in_memory(tmp_path, ti
     assert mem["logs"]["loss"] == lmdb["logs"]["loss"]
 
 
-@pytest.mark.parametrize("data", ["memory", "lmdb"])
+@pytest.mark.parametrize("data", ["memory", "lmdb", "memory_accum2"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_assets, data):
     # 8 samples, batch 2: 4 steps per epoch, so step 5 also checks the epoch reshuffle after a resume.
     common = ("train.max_steps=5", "train.checkpointing_steps=5")
     if data == "lmdb":
         common += tuple(_cache_overrides(tmp_path / "caches", workers=1))
+    if data == "memory_accum2":  # 2 micro-batches of 1 per step: still 4 steps per epoch
+        common += ("train.batch_size=1", "train.gradient_accumulation_steps=2")
     full = _run(tmp_path, "full", tiny_assets, *common)
     part = _run(tmp_path, "part", tiny_assets, *common, "train.stop_at_step=3")
     assert (part["out"] / "checkpoint-3").is_dir() and not (part["out"] / "checkpoint-5").exists()
@@ -83,6 +85,37 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_assets, data):
     a = _assert_same_checkpoint(full["out"] / "checkpoint-5", part["out"] / "checkpoint-5")
     assert any(k.startswith("heads.mid.") for k in a["trainable_state.safetensors"])
     assert any("lora_A" in k for k in a["trainable_state.safetensors"])
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path, tiny_assets):
+    """2 micro-batches of 1 = one batch of 2: same samples, same noise/timestep/dropout draws, gradients summed
+    over the micro-batches. (The manifold term compares samples within a micro-batch, so it is switched off.)"""
+    # Batch-size-dependent CPU kernels already make the gradients differ at ~3e-5 (relative). optim.eps=1 makes
+    # AdamW move each weight by ~lr * grad, so such rounding cannot flip the sign of a whole lr-sized step of a
+    # near-zero gradient component (as it can with eps=1e-8).
+    common = (
+        "train.max_steps=3",
+        "train.checkpointing_steps=3",
+        "loss.manifold_coeff=0",
+        "data.cfg_dropout=0.5",
+        "optim.eps=1.0",
+    )
+    one = _run(tmp_path, "one", tiny_assets, *common, "train.batch_size=2")
+    acc = _run(
+        tmp_path, "acc", tiny_assets, *common, "train.batch_size=1", "train.gradient_accumulation_steps=2"
+    )
+    a, b = _state(one["out"] / "checkpoint-3"), _state(acc["out"] / "checkpoint-3")
+    for f in a:
+        for k in a[f]:
+            torch.testing.assert_close(a[f][k], b[f][k], rtol=1e-4, atol=1e-6, msg=f"{f}:{k}")
+    trained = a["trainable_state.safetensors"]
+    assert any(k.startswith("heads.mid.") for k in trained)
+    # and accumulation really changes something vs a single micro-batch of 1 per step
+    single = _run(tmp_path, "single", tiny_assets, *common, "train.batch_size=1")
+    c = _state(single["out"] / "checkpoint-3")["trainable_state.safetensors"]
+    assert any(not torch.allclose(trained[k], c[k], rtol=1e-3, atol=1e-5) for k in trained)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be an integer >= 1"):
+        _run(tmp_path, "bad", tiny_assets, "train.gradient_accumulation_steps=0")
 
 
 def test_bf16_run_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(tmp_path, tiny_assets):

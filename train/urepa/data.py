@@ -104,12 +104,26 @@ def build_dataset(
     )
 
 
-def apply_cfg_dropout(
-    encoder_hidden_states: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Replace each sample's prompt embedding by the null embedding with probability p."""
+def cfg_dropout_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    """[n] bool, True where the prompt is replaced by the null prompt (probability p); None (no draw) if p <= 0."""
     if p <= 0:
+        return None
+    return torch.rand(n, generator=generator, device=generator.device) < p
+
+
+def apply_cfg_dropout(
+    encoder_hidden_states: torch.Tensor,
+    null: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Replace each sample's prompt embedding by the null embedding with probability p (or where ``mask``)."""
+    if mask is None:
+        if generator is None:
+            raise ValueError("apply_cfg_dropout needs a generator or a mask")
+        mask = cfg_dropout_mask(encoder_hidden_states.shape[0], p, generator)
+    if mask is None:
         return encoder_hidden_states
-    drop = torch.rand(encoder_hidden_states.shape[0], generator=generator, device=generator.device) < p
-    drop = drop.to(encoder_hidden_states.device).view(-1, 1, 1)
+    drop = mask.to(encoder_hidden_states.device).view(-1, 1, 1)
     return torch.where(drop, null.to(encoder_hidden_states), encoder_hidden_states)
