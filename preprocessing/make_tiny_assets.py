@@ -54,6 +54,7 @@ GENERATOR_SOURCES = (
     "preprocessing/synthetic_mvtec.py",
     "preprocessing/synthetic_imagenet.py",
     "models/dinov2_encoder.py",
+    "models/dinov2_keys.py",
 )
 GENERATOR_PACKAGES = (
     "torch",

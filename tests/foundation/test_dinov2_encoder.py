@@ -359,7 +359,7 @@ def test_missing_weights_name_the_path(tmp_path, monkeypatch):
 def test_legacy_transformers_names_round_trip():
     """transformers releases before the q_proj refactor (4.x, 5.x up to 5.17) name block tensors
     attention.attention.query / attention.output.dense / mlp.weights_in (fused) / mlp.weights_out."""
-    from models.dinov2_encoder import _legacy_to_modern, _modern_to_legacy
+    from models.dinov2_keys import _legacy_to_modern, _modern_to_legacy
 
     g = torch.Generator().manual_seed(0)
     p = "encoder.layer.3."
