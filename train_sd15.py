@@ -176,7 +176,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    null_embedding = table[-1].float()
     batch_size = int(tcfg["batch_size"])
     if len(dataset) < batch_size * accelerator.num_processes * accum:
         raise ValueError(
@@ -253,9 +252,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
 
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    prompt_table = table.to(
-        accelerator.device
-    )  # [K+1, 77, dim] in its stored dtype (118 MB fp16 for 1000 classes)
+    # [K+1, 77, dim] prompt table in its stored dtype (118 MB fp16 for 1000 classes) and the null row, on the
+    # device once rather than copied there every step
+    prompt_table = table.to(accelerator.device)
+    null_embedding = prompt_table[-1].float()
     ema_device = accelerator.device
     ema.shadow = {k: v.to(ema_device) for k, v in ema.shadow.items()}
     accelerator.register_for_checkpointing(ema, state)
