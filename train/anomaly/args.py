@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datasets.mvtec import FLIP_MODES, SPLIT_RULES
 from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
 from models.dual_lora import DUAL_MODES
+from train.core.config import add_core_args
 
 DINOV2_CHOICES = (
     "vits14",
@@ -27,7 +28,8 @@ DINOV2_CHOICES = (
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
+    add_core_args(parser, **core_help)
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--pretrained_model_name_or_path",
@@ -39,7 +41,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--instance_data_dir", required=True, help="MVTec AD root (holds <class>/train/good, ...)."
     )
     g.add_argument("--mvtec_name", required=True, help="MVTec class, e.g. hazelnut.")
-    g.add_argument("--output_dir", required=True, help="Where checkpoints, final weights and logs go.")
     g.add_argument("--resolution", type=int, default=512, help="Training resolution (multiple of 8).")
     g.add_argument(
         "--flip",
@@ -52,9 +53,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     g.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step."
-    )
-    g.add_argument(
         "--learning_rate", type=float, default=1e-4, help="AdamW learning rate for the LoRA weights."
     )
     g.add_argument(
@@ -64,12 +62,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant", help="LR schedule.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
-    g.add_argument(
-        "--max_train_steps",
-        type=int,
-        required=True,
-        help="Total optimizer steps (stage 2 counts on from the stage-1 checkpoint's step).",
-    )
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -84,35 +76,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="U-Net (and trained text encoder) gradient checkpointing: less memory, slower.",
     )
-    g.add_argument(
-        "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        default=None,
-        help="Precision of the frozen weights / autocast (default: accelerate config).",
-    )
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="Seed of data order, flips, noise and timesteps (each step's draws depend only on the "
-        "seed and the step, so a resumed run repeats the uninterrupted one).",
-    )
-
     g = parser.add_argument_group("checkpoints and logging")
-    g.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save checkpoint-<step>/ (accelerate state) every N steps; the last step is always saved.",
-    )
-    g.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints."
-    )
-    g.add_argument(
-        "--report_to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, all, none."
-    )
-    g.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
     g.add_argument(
         "--validation_prompt", default=None, help="Prompt sampled every --validation_steps (PNG grid)."
     )
@@ -191,11 +155,6 @@ def stage1_parser() -> argparse.ArgumentParser:
     )
     _common(parser)
     parser.add_argument("--instance_prompt", default="a vfx", help="Prompt of every training image.")
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="'latest' (newest checkpoint-<step> in --output_dir; fresh start if none) or a path.",
-    )
     return parser
 
 
@@ -204,7 +163,15 @@ def stage2_parser() -> argparse.ArgumentParser:
         description="Stage 2 (dual): dual-interrelated LoRA on one defect type's few-shot split; blend branch = "
         "whole anomalous image, fg branch = the anomaly alone."
     )
-    _common(parser)
+    _common(
+        parser,
+        max_steps_help="Total optimizer steps, counted on from the stage-1 checkpoint's step "
+        "(the seed: stage 1 5000 -> stage 2 8000).",
+        resume_help="A stage-1 checkpoint dir (LoRA copied into both branches, step count continues), a "
+        "stage-2 checkpoint dir (everything restored), or 'latest' (newest in --output_dir). "
+        "If --output_dir already holds stage-2 checkpoints, the newest is resumed instead of "
+        "the stage-1 checkpoint (so re-running the same command continues).",
+    )
     parser.add_argument(
         "--mvtec_anamaly_name",
         "--mvtec_anomaly_name",
@@ -217,17 +184,9 @@ def stage2_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--instance_prompt_fg", default="sks", help="Prompt of the fg branch.")
     parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A stage-1 checkpoint dir (LoRA copied into both branches, step count continues), a "
-        "stage-2 checkpoint dir (everything restored), or 'latest' (newest in --output_dir). "
-        "If --output_dir already holds stage-2 checkpoints, the newest is resumed instead of "
-        "the stage-1 checkpoint (so re-running the same command continues).",
-    )
-    parser.add_argument(
         "--restart_from_stage1",
         action="store_true",
-        help="Ignore stage-2 checkpoints in --output_dir and start again from the stage-1 one.",
+        help="Delete the stage-2 checkpoints and logs in --output_dir and start again from the stage-1 one.",
     )
     parser.add_argument(
         "--dual_mode",
@@ -276,6 +235,10 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.train_batch_size >= 1, "--train_batch_size must be >= 1")
     need(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
     need(args.max_train_steps >= 1, "--max_train_steps must be >= 1")
+    if args.checkpoints_total_limit is not None:
+        need(
+            args.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1 (omit it to keep all)"
+        )
     need(args.learning_rate > 0, "--learning_rate must be > 0")
     need(args.rank >= 1, "--rank must be >= 1")
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")

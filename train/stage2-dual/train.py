@@ -46,16 +46,8 @@ from train.anomaly.components import (  # noqa: E402
     tokenize,
 )
 from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
-from train.anomaly.loop import (  # noqa: E402
-    LoopSpec,
-    init_trackers,
-    make_accelerator,
-    make_dataloader,
-    make_lr_scheduler,
-    make_optimizer,
-    run_loop,
-    weight_dtype_of,
-)
+from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
+from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
 from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -115,7 +107,14 @@ def resolve_start(args) -> tuple[Path | None, Path | None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(stage2_parser(), argv)
     stage1_ckpt, stage2_ckpt = resolve_start(args)
-    accelerator = make_accelerator(args, "stage2-dual")
+    # the core resumes stage-2 checkpoints only; a stage-1 checkpoint initialises the LoRA (below)
+    cfg = core_config_from_args(
+        args,
+        "stage2-dual",
+        resume_from_checkpoint=str(stage2_ckpt) if stage2_ckpt is not None else None,
+        overwrite_output_dir=args.overwrite_output_dir or args.restart_from_stage1,
+    )
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
     dataset = MVTecAnomalyPairDataset(
         args.instance_data_dir,
@@ -146,19 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     start_step = stage_start = 0
     te_lora_state = None
     if stage2_ckpt is not None:
-        cfg = read_dual_config(stage2_ckpt)
+        dual_cfg = read_dual_config(stage2_ckpt)
         for key, flag in (
             ("dual_mode", args.dual_mode),
             ("rank", args.rank),
             ("interaction_reduction", args.interaction_reduction),
         ):
-            if cfg[key] != flag:
+            if dual_cfg[key] != flag:
                 raise SystemExit(
-                    f"error: checkpoint {stage2_ckpt} was trained with {key}={cfg[key]!r}, "
+                    f"error: checkpoint {stage2_ckpt} was trained with {key}={dual_cfg[key]!r}, "
                     f"this run asks for {flag!r}"
                 )
-        stage_start = int(cfg.get("stage_start_step", 0))
-        te_lora = bool(cfg.get("text_encoder_lora"))
+        stage_start = int(dual_cfg.get("stage_start_step", 0))
+        te_lora = bool(dual_cfg.get("text_encoder_lora"))
         if args.train_text_encoder and not te_lora:
             raise SystemExit(f"error: {stage2_ckpt} has no text-encoder LoRA; drop --train_text_encoder")
     else:
@@ -245,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"params": te_params, "lr": lr, "name": "text_encoder_lora"})
     optimizer = make_optimizer(groups, args)
     lr_scheduler = make_lr_scheduler(
-        optimizer, args, args.max_train_steps - stage_start, accelerator.num_processes
+        args.lr_scheduler,
+        optimizer,
+        warmup_steps=args.lr_warmup_steps,
+        max_steps=args.max_train_steps - stage_start,
+        num_processes=accelerator.num_processes,
     )
 
     extra = {
@@ -284,19 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dual_p, optimizer, lr_scheduler = accelerator.prepare(dual, optimizer, lr_scheduler)
 
-    if stage2_ckpt is not None:
-        accelerator.load_state(str(stage2_ckpt))
-        start_step = checkpoint_step(stage2_ckpt)
-        logger.info("resumed stage-2 checkpoint %s at step %d", stage2_ckpt, start_step)
-    init_trackers(accelerator, args, "stage2-dual")
-    dataloader = make_dataloader(
-        dataset,
-        args,
-        accelerator.process_index,
-        accelerator.num_processes,
-        start_micro=(start_step - stage_start) * args.gradient_accumulation_steps,
-    )
-
     ids_blend = tokenize(comps.tokenizer, args.instance_prompt_blend).to(device)
     ids_fg = tokenize(comps.tokenizer, args.instance_prompt_fg).to(device)
     fixed = None
@@ -321,20 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         mse_b = F.mse_loss(pred_b.float(), tgt_b.float())
         mse_f = F.mse_loss(pred_f.float(), tgt_f.float())
         loss = 0.5 * (mse_b + mse_f)  # = MSE over the concatenated [blend; fg] batch
-        logs = {"loss_mse": loss.item(), "loss_mse_blend": mse_b.item(), "loss_mse_fg": mse_f.item()}
+        logs = {"loss_mse": loss.detach(), "loss_mse_blend": mse_b.detach(), "loss_mse_fg": mse_f.detach()}
         idx, flips = batch["index"].tolist(), batch["flip"].tolist()
         if perceptual is not None:
             d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b)
             dino = d_b
-            logs["loss_dinov2_blend"] = d_b.item()
+            logs["loss_dinov2_blend"] = d_b.detach()
             logs.update({f"{k}_blend" if k.startswith("dinov2_layer") else k: v for k, v in dl.items()})
             if perceptual_fg is not None:
                 d_f, _ = perceptual_fg(pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f)
-                logs["loss_dinov2_fg"] = d_f.item()
+                logs["loss_dinov2_fg"] = d_f.detach()
                 dino = 0.5 * (d_b + d_f)
             loss = loss + args.dinov2_loss_weight * dino
-            logs["loss_dinov2"] = dino.item()
-        logs["loss"] = loss.item()
+            logs["loss_dinov2"] = dino.detach()
         return loss, logs
 
     def save_final():
@@ -363,14 +352,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         logger.info("validation samples: %s", path)
 
-    spec = LoopSpec(
+    run_stage(
+        accelerator,
+        args,
+        cfg,
+        dataset=dataset,
         step_fn=step_fn,
-        train_modules=[dual_p] + ([text_encoder] if args.train_text_encoder else []),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         params=params,
+        train_modules=[dual_p] + ([text_encoder] if args.train_text_encoder else []),
         save_final=save_final,
         validate=validate,
+        start_step=stage_start,
     )
-    run_loop(accelerator, args, spec, optimizer, lr_scheduler, dataloader, start_step)
     return 0
 
 
