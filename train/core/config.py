@@ -43,7 +43,7 @@ class CoreConfig:
             f"max_steps must be >= 1, got {self.max_steps!r}",
         )
         need(
-            self.mixed_precision in PRECISIONS,
+            self.mixed_precision is None or self.mixed_precision in PRECISIONS,
             f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}",
         )
         need(
