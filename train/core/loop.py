@@ -273,7 +273,8 @@ def _optimise(accelerator, cfg: CoreConfig, task: Task, state: TrainerState, gua
             extra.update({f"lr_{o.name}": o.lr_scheduler.get_last_lr()[0] for o in task.optims[1:]})
             last = logs_acc.flush(state.step, extra)
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
-        if state.step % cfg.checkpointing_steps == 0 or state.step == stop:
+        every = cfg.checkpointing_steps
+        if (every and state.step % every == 0) or state.step == stop:
             if task.state_extra is not None:
                 state.extra = task.state_extra()
             save_checkpoint(accelerator, out_dir, state, params, cfg.checkpoints_total_limit)
