@@ -158,7 +158,7 @@ def build_model(cfg: dict[str, Any], accelerator, D: int, grid: tuple[int, int],
     from diffusers import DDPMScheduler
 
     criterion = URepaLoss(
-        DDPMScheduler.from_config(load_scheduler_config(sd_dir)).alphas_cumprod,
+        DDPMScheduler.from_config(load_scheduler_config(sd_dir)),
         prediction=lcfg["prediction"],
         align_coeff=float(lcfg["align_coeff"]),
         manifold_coeff=float(lcfg["manifold_coeff"]),
