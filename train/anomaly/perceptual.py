@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache, decode_latents, predicted_x0
+from train.core.perf import compile_module
 from utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -124,6 +125,7 @@ def build_perceptual_term(
         resolution=args.dinov2_resolution,
         input_range="-1_1",
     ).to(device)
+    encoder = compile_module(encoder, args, "dinov2")  # --compile dinov2 (train/core/perf.py)
     loss = DINOv2PerceptualLoss(encoder, layers=args.dinov2_feature_layers, loss_type=args.dinov2_loss_type)
     latent_head = None
     decoder: nn.Module | None = vae
