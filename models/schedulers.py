@@ -35,6 +35,8 @@ def make_scheduler(kind: str, config: Mapping[str, Any], prediction_type: str | 
         raise ValueError(f"unknown scheduler {kind!r}; choose from {SCHEDULERS}")
     config = dict(config)
     config["clip_sample"] = False
+    # from_config replaces the keys listed here by the new class's defaults: clip_sample must not be one.
+    config["_use_default_values"] = [k for k in config.get("_use_default_values", []) if k != "clip_sample"]
     if prediction_type is not None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
