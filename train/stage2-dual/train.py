@@ -134,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         fg_background=args.fg_background,
     )
     logger.info(
-        "%s/%s: %d training pairs, %d held out (split rule %s)",
+        "%s/%s: %d training pairs, %d held out (split rule %s); flips %s, resize %s, fg background %s",
         args.mvtec_name,
         args.mvtec_anomaly_name,
         len(dataset),
         len(dataset.held_out),
         args.split_rule,
+        dataset.flip,
+        args.resize_mode,
+        args.fg_background,
     )
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (
