@@ -25,7 +25,6 @@ U-Net's own code is untouched.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,9 @@ class DualLoRALinear(nn.Module):
         self.lora_A = nn.ModuleList([nn.Linear(base.in_features, rank, bias=False) for _ in range(num_sets)])
         self.lora_B = nn.ModuleList([nn.Linear(rank, base.out_features, bias=False) for _ in range(num_sets)])
         for a, b in zip(self.lora_A, self.lora_B):
-            # Same init as peft's default LoRA: A kaiming-uniform, B zero -> the layer starts as ``base``.
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            # The reference's LoRALinearLayer init (= peft's "gaussian", what stage 1 uses): A ~ N(0, 1/rank),
+            # B zero -> the layer starts as ``base``.
+            nn.init.normal_(a.weight, std=1.0 / rank)
             nn.init.zeros_(b.weight)
 
     # Some diffusers code paths read ``attn.to_q.weight`` (dtype/device checks); delegate to the base layer.

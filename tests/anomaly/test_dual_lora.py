@@ -334,3 +334,13 @@ def test_interaction_presets_and_init():
         DualLoRAUNet(_unet(), rank=2, interaction_reduction=4)
     with pytest.raises(ValueError, match="interaction_preset"):
         DualLoRAUNet(_unet(), rank=2, interaction_preset="heavy")
+
+
+def test_lora_init_is_the_references():
+    """LoRA sets start as the reference's LoRALinearLayer: down ~ N(0, 1/rank), up = 0."""
+    rank = 4
+    dual = DualLoRAUNet(_unet(), rank=rank)
+    a = torch.cat([w.flatten() for n, w in dual.trainable_state_dict().items() if ".lora_A." in n])
+    b = torch.cat([w.flatten() for n, w in dual.trainable_state_dict().items() if ".lora_B." in n])
+    assert a.numel() > 1000 and abs(a.std().item() - 1 / rank) < 0.02 and abs(a.mean().item()) < 0.01
+    assert (b == 0).all()
