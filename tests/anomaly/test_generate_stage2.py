@@ -24,6 +24,13 @@ def dual_weights(tiny_assets, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def dual_components(tiny_assets, dual_weights):
+    from models.dual_lora import load_dual_unet
+
+    return load_dual_unet(tiny_assets["sd15"], dual_weights)
+
+
 def test_stage2_triplets_and_resume(tiny_assets, dual_weights, tmp_path):
     from eval.generate import main
 
@@ -61,11 +68,10 @@ def test_stage2_triplets_and_resume(tiny_assets, dual_weights, tmp_path):
     assert files["image"][1].stat().st_mtime_ns != before[files["image"][1]]  # regenerated
 
 
-def test_stage2_sampling_is_per_sample_deterministic(tiny_assets, dual_weights):
+def test_stage2_sampling_is_per_sample_deterministic(dual_components):
     from eval.generate import sample_pairs
-    from models.dual_lora import load_dual_unet
 
-    comps = load_dual_unet(tiny_assets["sd15"], dual_weights)
+    comps = dual_components
     a_blend, a_fg = sample_pairs(comps, "a vfx with sks", "sks", [5, 6], num_inference_steps=2)
     b_blend, b_fg = sample_pairs(comps, "a vfx with sks", "sks", [6], num_inference_steps=2)
     assert torch.allclose(a_blend[1], b_blend[0], atol=1e-4) and torch.allclose(a_fg[1], b_fg[0], atol=1e-4)
@@ -132,7 +138,7 @@ def test_presets_fill_only_what_is_not_given():
 
 
 @torch.no_grad()
-def test_pndm_sampler_equals_the_official_pipeline_loop(tiny_assets, dual_weights):
+def test_pndm_sampler_equals_the_official_pipeline_loop(tiny_assets, dual_components):
     """sample_pairs(scheduler="pndm") against DualAnoDiff's pipeline loop, written here from its code: the
     stock SD-1.5 PNDM scheduler on ONE "(b f)" batch [blend, fg], latents = randn([2, C, h, w]) from the
     generator, embeddings (b f) of cat([uncond, blend]) and cat([uncond, fg]), guidance on the chunked
@@ -140,9 +146,8 @@ def test_pndm_sampler_equals_the_official_pipeline_loop(tiny_assets, dual_weight
     from diffusers import PNDMScheduler
 
     from eval.generate import encode_prompts, sample_pairs
-    from models.dual_lora import load_dual_unet
 
-    comps = load_dual_unet(tiny_assets["sd15"], dual_weights)
+    comps = dual_components
     dual, vae = comps["dual_unet"], comps["vae"]
     steps, w, seed = 4, 2.5, 11
     got_b, got_f = sample_pairs(comps, "a vfx with sks", "sks", [seed], "pndm", steps, w, "")
