@@ -144,10 +144,12 @@ def test_fused_adamw_falls_back_where_unsupported(caplog):
 # ---------------------------------------------------------------------------------------------- the network
 
 
-def _train_steps(unet: nn.Module, steps: int = 3) -> dict[str, torch.Tensor]:
+def _train_steps(unet: nn.Module, steps: int = 2) -> dict[str, torch.Tensor]:
+    """A few SGD steps (the optimizer is not what channels-last changes; AdamW would magnify the float
+    rounding of near-zero gradients through its 1/sqrt(v))."""
     x, t, ehs = _unet_inputs()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
+    opt = torch.optim.SGD(params, lr=0.5)
     for _ in range(steps):
         opt.zero_grad()
         unet(x, t, encoder_hidden_states=ehs).sample.square().mean().backward()
@@ -159,6 +161,7 @@ def test_channels_last_trains_the_same(tmp_path):
     from safetensors.torch import save_file
 
     plain, cl = _tiny_lora_unet(), _tiny_lora_unet()
+    start = _lora_state(plain)
     perf.to_channels_last(cl, CoreConfig(output_dir="o", max_steps=1, channels_last=True))
     conv = cl.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -167,7 +170,7 @@ def test_channels_last_trains_the_same(tmp_path):
     trained = [p for p in cl.parameters() if p.requires_grad]
     assert trained and all(p.is_contiguous() for p in trained)  # trained weights keep the default layout
     a, b = _train_steps(plain), _train_steps(cl)
-    assert any(not torch.equal(v, _lora_state(_tiny_lora_unet())[k]) for k, v in a.items())  # it trained
+    assert all(not torch.equal(a[k], start[k]) for k in a if "lora_B" in k)  # it trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     save_file(b, str(tmp_path / "lora.safetensors"))  # what every checkpoint writer does

@@ -91,18 +91,19 @@ def check_compiled(cfg: Any) -> None:
 # --------------------------------------------------------------------------------------------------- modules
 
 
-def compile_module(module: nn.Module, cfg: Any, target: str) -> nn.Module:
+def compile_module(module: nn.Module, cfg: Any, target: str, **compile_kwargs: Any) -> nn.Module:
     """``module.compile()`` in place when ``target`` is listed in ``cfg.compile``; returns ``module``.
 
     In-place compilation keeps the module's class and parameter names (no ``_orig_mod.`` prefix), so the
     trainers' save/load hooks and ``accelerator.unwrap_model`` work unchanged. Under DDP the compiled module is
     wrapped afterwards: gradients are all-reduced after the compiled backward (no overlap of communication with
-    the backward), which costs little for LoRA-sized gradients.
+    the backward), which costs little for LoRA-sized gradients. ``compile_kwargs`` go to ``torch.compile``
+    (e.g. ``backend="aot_eager"`` to debug a compile problem without inductor).
     """
     if target not in (_get(cfg, "compile", ()) or ()):
         return module
     mode = _get(cfg, "compile_mode")
-    module.compile(**({"mode": mode} if mode else {}))
+    module.compile(**({"mode": mode} if mode else {}), **compile_kwargs)
     _COMPILED.append((target, type(module).__name__))
     return module
 
