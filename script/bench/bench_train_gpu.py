@@ -413,11 +413,13 @@ def report(runs: list[Run], peak: float | None) -> str:
         f = r.result.get("flops_per_step")
         if f and (r.trainer, r.batch) not in counts:
             counts[(r.trainer, r.batch)] = f
+    if counts:
+        lines.append("")
     for (trainer, batch), f in counts.items():
         lines.append(
-            f"\nFLOPs used for MFU, {trainer} batch {batch}: {f / 1e12:.3f} TFLOP per optimizer step "
-            f"({f / batch / 1e9:.1f} GFLOP per sample; torch.utils.flop_counter on the first eager step: matmuls, "
-            "convolutions, attention, forward + backward)"
+            f"FLOPs used for MFU, {trainer} batch {batch}: {f / 1e9:.5g} GFLOP per optimizer step = "
+            f"{f / batch / 1e9:.5g} GFLOP per sample (torch.utils.flop_counter on the first eager step: matmuls, "
+            "convolutions, attention; forward + backward)"
         )
     return "\n".join(lines)
 

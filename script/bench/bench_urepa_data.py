@@ -85,7 +85,8 @@ def write_synthetic_caches(
             lw.put(sid, torch.randn(*latent_shape, generator=g).half())
             tokens = torch.randn(num_tokens, dino_dim, generator=g)
             dw.put(sid, torch.nn.functional.normalize(tokens, dim=-1).half())
-    torch.save({"embeddings": torch.randn(*clip_shape).half(), "null_index": classes}, root / "clip.pt")
+    clip = torch.randn(*clip_shape, generator=g).half()  # seeded like the rest: the same caches every time
+    torch.save({"embeddings": clip, "null_index": classes}, root / "clip.pt")
     return root
 
 

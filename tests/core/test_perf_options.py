@@ -371,8 +371,11 @@ def test_stage1_with_every_option_trains_the_same(tiny_assets, tmp_path, record_
     a = load_file(str(tmp_path / "base" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "fast" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
+    # AdamW moves each weight by at most ~lr = 1e-3 per step, and by about that much even for a gradient near 0,
+    # whose sign float rounding (other kernels) can flip: allow 1 % of the largest possible movement per tensor.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        bound = 1e-2 * 1e-3 * 2 * a[k].numel() ** 0.5
+        assert (b[k] - a[k]).norm() <= bound, (k, float((b[k] - a[k]).norm()), bound)
 
 
 def test_train_sd15_perf_section(tiny_assets, tmp_path):
