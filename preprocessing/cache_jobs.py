@@ -24,7 +24,7 @@ from torchvision import transforms
 
 from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_bytes, record_nbytes
 from datasets.sample_csv import SampleRow, read_sample_csv
-from utils.images import load_rgb
+from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 from utils.logging import get_logger, progress
 from utils.weights import MissingWeightsError, resolve_hf_path
 
@@ -277,14 +277,20 @@ class DinoTokenEncoder(CacheEncoder):
 
 # -------------------------------------------------------------------------------------------- image loading
 class DecodedImages(Dataset):
-    """Decode each image once and apply every target's transform; unreadable files come back as reasons."""
+    """Decode each image once and apply every target's transform; unreadable files come back as reasons
+    (missing, not an image, truncated, unsupported mode, more than ``max_pixels`` pixels), each naming the file."""
 
     def __init__(
-        self, rows: Sequence[SampleRow], image_root: Path, image_transforms: Sequence[Callable]
+        self,
+        rows: Sequence[SampleRow],
+        image_root: Path,
+        image_transforms: Sequence[Callable],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.rows = list(rows)
         self.image_root = Path(image_root)
         self.image_transforms = list(image_transforms)
+        self.max_pixels = int(max_pixels)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -292,10 +298,10 @@ class DecodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[str, tuple[torch.Tensor, ...] | None, str]:
         row = self.rows[index]
         path = resolve_image_path(row, self.image_root)
-        image = load_rgb(path)
-        if image is None:
-            reason = "file not found" if not path.exists() else "cannot decode image"
-            return row.id, None, f"{path}: {reason}"
+        try:
+            image = read_image(path, "RGB", self.max_pixels)
+        except UnreadableImageError as err:
+            return row.id, None, str(err)
         return row.id, tuple(t(image) for t in self.image_transforms), ""
 
 
@@ -347,10 +353,16 @@ def run_cache_job(
     num_workers: int = 4,
     desc: str = "caching",
     show_progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[TargetStats]:
-    """Fill every target cache for ``rows`` (already this job's shard); returns per-target statistics."""
+    """Fill every target cache for ``rows`` (already this job's shard); returns per-target statistics.
+
+    Unreadable images (``max_pixels``: the decompression-bomb limit) are skipped, counted and listed in each
+    cache's metadata (``corrupt``); they are retried on the next run."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if max_pixels < 1:
+        raise ValueError(f"--max_image_pixels must be >= 1, got {max_pixels}")
     stats = [TargetStats(enc.name, w.path) for enc, w in targets]
     todo = []
     for row in rows:
@@ -363,7 +375,7 @@ def run_cache_job(
         print(
             f"resuming: {len(rows) - len(todo)} of {len(rows)} images are already in every cache", flush=True
         )
-    dataset = DecodedImages(todo, image_root, [enc.transform for enc, _ in targets])
+    dataset = DecodedImages(todo, image_root, [enc.transform for enc, _ in targets], max_pixels)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -444,6 +456,13 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         choices=sorted(MODEL_DTYPES),
         default="float32",
         help="Compute dtype of the encoders (bfloat16/float16 are faster on GPUs; outputs are stored in --dtype).",
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="Images whose header claims more pixels are skipped, counted and listed as unreadable "
+        f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit).",
     )
     parser.add_argument("--no_progress", action="store_true", help="Disable the progress bar.")
 
@@ -539,4 +558,5 @@ def run_cli_job(
         num_workers=args.num_workers,
         desc=f"{label} [{shard_index + 1}/{num_shards}]",
         show_progress=not args.no_progress,
+        max_pixels=args.max_image_pixels,
     )
