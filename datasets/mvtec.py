@@ -14,7 +14,13 @@ Keep it only to compare with numbers published with that code.
 
 Augmentation: random horizontal (and optionally vertical) flips drawn from a per-sample seed, so that an
 image, its mask and its fg crop always get the same flips and a resumed run sees the same flips again.
-Masks are resized bilinearly and binarised at 0.5 (``mask >= 0.5``).
+Masks are resized bilinearly and binarised at 0.5 (``mask >= 0.5``). A mask of another size than its image is
+an error naming both files, or with ``mask_size_mismatch="resize"`` (``--mask_size_mismatch resize``) first
+stretched onto the image's pixel grid, so that image and mask are resized and cropped alike.
+
+Reading: 16-bit images and masks are scaled to 8 bits (never clipped; utils/images.py); an unreadable image,
+including one whose header claims more than ``max_pixels`` pixels (``--max_image_pixels``, a decompression-bomb
+guard), is an error naming the file: a few-shot set has no image to spare.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.images import load_rgb
+from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_RULES = ("ceil", "original")
 FLIP_MODES = ("none", "horizontal", "both")
 MASK_THRESHOLD = 0.5
+# A ground-truth mask whose size differs from its image's: an error (default), or mapped onto the image's
+# pixel grid first (bilinear resize to the image's size) and then resized and cropped exactly like the image.
+MASK_SIZE_MISMATCH = ("error", "resize")
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -134,27 +143,55 @@ def few_shot_split(paths: Sequence[str | os.PathLike], rule: str = "ceil") -> tu
 # ---------------------------------------------------------------------------------------------- tensors
 
 
-def _load_image(path: Path, resolution: int) -> torch.Tensor:
+def _load_image(path: Path, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """uint8 [3, R, R]: shorter side resized to R (bicubic, antialiased), centre crop."""
-    img = load_rgb(path)
-    if img is None:
-        raise ValueError(f"cannot read image {path} (corrupt or not an image)")
+    try:
+        img = read_image(path, "RGB", max_pixels)
+    except UnreadableImageError as err:
+        raise ValueError(f"cannot read image {err} (fix or remove the file)") from err
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return _resize_center_crop(x, resolution, mode="bicubic").round().clamp(0, 255).to(torch.uint8)
 
 
-def _load_mask(path: Path, resolution: int) -> torch.Tensor:
-    """bool [1, R, R], binarised at 0.5 after a bilinear resize."""
-    from PIL import Image, UnidentifiedImageError
+def _load_mask(
+    path: Path,
+    resolution: int,
+    image_path: Path | None = None,
+    on_size_mismatch: str = "error",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """bool [1, R, R], binarised at 0.5 after a bilinear resize with the geometry of ``image_path``'s image.
 
+    A mask of another size than its image is an error naming both files (``on_size_mismatch="error"``), or
+    first resized to the image's size (``"resize"``) so that the crop below cuts the same region of both.
+    """
+    from PIL import Image
+
+    if on_size_mismatch not in MASK_SIZE_MISMATCH:
+        raise ValueError(
+            f"mask size mismatch policy must be one of {MASK_SIZE_MISMATCH}, got {on_size_mismatch!r}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth mask missing: {path}")
     try:
-        with Image.open(path) as im:
-            m = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from err
-    x = _resize_center_crop(torch.from_numpy(m)[None], resolution, mode="bilinear")
+        mask = read_image(path, "L", max_pixels)
+    except UnreadableImageError as err:
+        raise ValueError(f"cannot read mask {err}") from err
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+    if image_path is not None:
+        with Image.open(image_path) as im:  # the header only: the image itself was decoded already
+            width, height = im.size
+        if (width, height) != mask.size:
+            if on_size_mismatch == "error":
+                raise ValueError(
+                    f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is {width}x{height}; "
+                    "resize the mask to its image, or pass --mask_size_mismatch resize to stretch it onto the "
+                    "image before both are resized and cropped alike"
+                )
+            m = F.interpolate(
+                m[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            )[0]
+    x = _resize_center_crop(m, resolution, mode="bilinear")
     return x >= MASK_THRESHOLD
 
 
@@ -208,13 +245,20 @@ class MVTecGoodDataset(Dataset):
     Images are decoded and resized once at construction (few-shot sets are small; bad files fail early).
     """
 
-    def __init__(self, root: str | os.PathLike, class_name: str, resolution: int, flip: str = "horizontal"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        class_name: str,
+        resolution: int,
+        flip: str = "horizontal",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         if flip not in FLIP_MODES:
             raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
         self.paths = good_images(root, class_name)
         self.flip = flip
         self.resolution = resolution
-        self.images = [_load_image(p, resolution) for p in self.paths]
+        self.images = [_load_image(p, resolution, max_pixels) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -240,6 +284,8 @@ class MVTecAnomalyPairDataset(Dataset):
         resolution: int,
         split_rule: str = "ceil",
         flip: str = "horizontal",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        mask_size_mismatch: str = "error",
     ):
         if flip not in FLIP_MODES:
             raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
@@ -253,8 +299,11 @@ class MVTecAnomalyPairDataset(Dataset):
             )
         self.flip = flip
         self.resolution = resolution
-        self.images = [_load_image(p, resolution) for p in self.paths]
-        self.masks = [_load_mask(m, resolution) for m in self.mask_paths]
+        self.images = [_load_image(p, resolution, max_pixels) for p in self.paths]
+        self.masks = [
+            _load_mask(m, resolution, p, mask_size_mismatch, max_pixels)
+            for m, p in zip(self.mask_paths, self.paths)
+        ]
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from datasets.mvtec import FLIP_MODES, SPLIT_RULES
+from datasets.mvtec import FLIP_MODES, MASK_SIZE_MISMATCH, SPLIT_RULES
 from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
 from models.dual_lora import DUAL_MODES
+from utils.images import DEFAULT_MAX_PIXELS
 
 DINOV2_CHOICES = (
     "vits14",
@@ -48,6 +49,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="Random flips (image, mask and fg get the same ones). 'both' adds vertical flips.",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    g.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="An image (or mask) whose header claims more pixels is an error naming the file "
+        f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit).",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
@@ -258,6 +266,13 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dinov2_on_fg", action="store_true", help="Apply the DINOv2 loss to the fg branch too."
     )
+    parser.add_argument(
+        "--mask_size_mismatch",
+        choices=MASK_SIZE_MISMATCH,
+        default="error",
+        help="A ground-truth mask whose size differs from its image: error (naming both files), or resize "
+        "it onto the image's size first so that both get the same resize and crop.",
+    )
     return parser
 
 
@@ -279,6 +294,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.learning_rate > 0, "--learning_rate must be > 0")
     need(args.rank >= 1, "--rank must be >= 1")
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
+    need(args.max_image_pixels >= 1, "--max_image_pixels must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
     need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,

@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(stage1_parser(), argv)
     accelerator = make_accelerator(args, "stage1-full")
     device = accelerator.device
-    dataset = MVTecGoodDataset(args.instance_data_dir, args.mvtec_name, args.resolution, flip=args.flip)
+    dataset = MVTecGoodDataset(
+        args.instance_data_dir,
+        args.mvtec_name,
+        args.resolution,
+        flip=args.flip,
+        max_pixels=args.max_image_pixels,
+    )
     logger.info("%d train/good images of %s", len(dataset), args.mvtec_name)
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (

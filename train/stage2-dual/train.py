@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         args.resolution,
         split_rule=args.split_rule,
         flip=args.flip,
+        max_pixels=args.max_image_pixels,
+        mask_size_mismatch=args.mask_size_mismatch,
     )
     logger.info(
         "%s/%s: %d training pairs, %d held out (split rule %s)",
