@@ -12,7 +12,13 @@
 Everything is checked when the dataset is built, so a mismatch fails at start-up with the file and the values,
 not hours into training: the caches' metadata against ``expected`` and against each other, every CSV id present
 in both caches (ids the caches recorded as unreadable images are dropped with a warning), class ids within the
-embedding table. LMDB environments are opened lazily in each DataLoader worker (read-only, no locks).
+embedding table; the readers check each shard's file size and a sample of records against the metadata
+(datasets/lmdb_cache.py). LMDB environments are opened lazily in each DataLoader worker (read-only, no locks).
+
+Every record read is checked (length and checksum). A bad one in :meth:`SD15AlignedDataset.get_batch` (the
+trainer's path) is skipped -- the batch is one sample smaller -- counted (``num_bad_records``, per process) and
+logged with its cache, shard and key; ``on_bad_record="error"`` raises instead. Per-item access
+(``ds[i]``) always raises :class:`~datasets.lmdb_cache.CorruptRecordError`: it has no sample to return.
 
 CFG dropout and posterior sampling are deterministic functions of (seed, epoch, index): call ``set_epoch`` at
 the start of each epoch (before iterating a DataLoader; workers must not be persistent across epochs for the new
@@ -32,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from datasets.lmdb_cache import LMDBCacheReader, parse_dtype
+from datasets.lmdb_cache import CorruptRecordError, LMDBCacheReader, parse_dtype
 from datasets.sample_csv import read_sample_csv
 from utils.logging import get_logger
 
@@ -50,6 +56,7 @@ EXPECTATION_KEYS = {
     "clip_dim": ("clip", "dim"),
 }
 _MASK64 = (1 << 64) - 1
+BAD_RECORD_POLICIES = ("skip", "error")
 
 
 def _mix64(x: int) -> int:
@@ -125,6 +132,8 @@ class SD15AlignedDataset(Dataset):
         sample_posterior: with a moments cache (mean, std), draw ``mean + std * eps`` (else use the mean).
         drop_unreadable: drop CSV ids that a cache recorded as unreadable images (with a warning) instead of
             failing; ids missing for any other reason are always an error.
+        on_bad_record: a record with a wrong length or checksum met by :meth:`get_batch`: ``"skip"`` it (counted
+            in ``num_bad_records``, logged) or raise (``"error"``).
     """
 
     def __init__(
@@ -139,7 +148,12 @@ class SD15AlignedDataset(Dataset):
         seed: int = 0,
         sample_posterior: bool = True,
         drop_unreadable: bool = True,
+        on_bad_record: str = "skip",
     ) -> None:
+        if on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        self.on_bad_record = on_bad_record
+        self.num_bad_records = 0  # skipped in this process (each DataLoader worker counts its own)
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         if isinstance(layers, str) or not layers:
@@ -326,10 +340,35 @@ class SD15AlignedDataset(Dataset):
         else:
             lat = torch.empty(lat_shape, dtype=self.latents.dtype)
         tok = _batch_tensor((n, *self.dino.shape), self.dino.dtype)
+        good = []
         for j, i in enumerate(idx):
             sid = self._ids[i].decode()
-            self.latents.read_into(sid, lat[j], int(self._lat_shard[i]))
-            self.dino.read_into(sid, tok[j], int(self._dino_shard[i]))
+            try:
+                self.latents.read_into(sid, lat[j], int(self._lat_shard[i]))
+                self.dino.read_into(sid, tok[j], int(self._dino_shard[i]))
+            except CorruptRecordError as err:
+                if self.on_bad_record == "error":
+                    raise
+                self.num_bad_records += 1
+                logger.warning(
+                    "skipping sample %r: %s (%d bad records skipped so far in this process)",
+                    sid,
+                    err,
+                    self.num_bad_records,
+                )
+                continue
+            good.append(j)
+        if len(good) < n:
+            if not good:
+                raise CorruptRecordError(
+                    f"every record of a batch of {n} is corrupt (e.g. {self._ids[idx[0]].decode()!r}); check the "
+                    f"caches with preprocessing/verify_cache.py {self.latents.path} (and {self.dino.path})",
+                    self._ids[idx[0]].decode(),
+                    self.latents.path,
+                )
+            idx = [idx[j] for j in good]
+            n = len(idx)
+            lat, tok = _select(lat, good), _select(tok, good)
         latent = lat if stored else lat.float()
         if self._has_moments:
             mean, std = latent[:, 0], latent[:, 1]
@@ -377,6 +416,12 @@ class SD15AlignedDataset(Dataset):
             f"SD15AlignedDataset({len(self)} samples from {self.csv_path}, latent {self.latents.shape}, "
             f"dino {self.dino.shape} {self.dino.metadata['encoder']}, cfg_dropout={self.cfg_dropout})"
         )
+
+
+def _select(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``batch[rows]`` in a tensor made like the batch's (shared memory in a worker)."""
+    out = _batch_tensor((len(rows), *batch.shape[1:]), batch.dtype)
+    return torch.index_select(batch, 0, torch.tensor(rows), out=out)
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
