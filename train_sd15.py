@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
 from losses.urepa import URepaLoss  # noqa: E402
 from train.urepa.checkpoint import TrainState, save_extra_state  # noqa: E402
+from train.urepa.config_schema import URepaConfig  # noqa: E402
 from train.urepa.data import (  # noqa: E402
     apply_cfg_dropout,
     build_dataset,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from diffusers.optimization import get_scheduler
 
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, schema=URepaConfig)
     tcfg, lcfg, ocfg = cfg["train"], cfg["loss"], cfg["optim"]
     out_dir = Path(cfg["output_dir"])
     accum = tcfg.get("gradient_accumulation_steps", 1)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 p.data = p.data.to(weight_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     mode = cfg["model"].get("finetune", "lora")
-    lr = ocfg.get("lr") or (2e-4 if mode == "lora" else 1e-4)
+    lr = ocfg["lr"]  # null was resolved by the schema (2e-4 LoRA, 1e-4 full); 0 stays 0
     optimizer = torch.optim.AdamW(
         params,
         lr=float(lr),

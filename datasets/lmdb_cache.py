@@ -14,7 +14,7 @@ Layout of a cache directory::
   (``metadata["checksum"]``: 8 bytes of xxh3-64, or 4 of crc32 where xxhash is not installed) of the key, the
   dtype, the shape and those bytes. Shape and dtype are cache-wide and live in ``metadata.json`` (``shape``,
   ``dtype``; each writer also notes them in its ``writers/*.json``), so reading a record is one ``memcpy`` plus
-  the checksum (xxh3: ~5 % of the loader's time per record, see docs/urepa_preprocessing.md).
+  the checksum (see docs/urepa_preprocessing.md for what verifying costs).
 * Caches written before checksums (``format_version`` 1, no ``checksum`` field) are read without verification,
   with a warning; a resumed build keeps writing them in their own format, never a mix.
 * Shards fill in write order. Each writer process (``writer_id``, e.g. ``part002-of-008`` for the third of
@@ -834,16 +834,20 @@ class LMDBCacheReader:
         """The tensor's raw bytes, checked (for benchmarks and tools)."""
         return self.get_value(key, shard)[: self.format.nbytes]
 
-    def get(self, key: str, shard: int | None = None) -> torch.Tensor:
+    def get(self, key: str, shard: int | None = None, verify: bool | None = None) -> torch.Tensor:
         """The tensor stored under ``key`` (``shard`` from :meth:`locate` skips the index lookup); raises
-        :class:`CorruptRecordError` on a wrong length or checksum."""
+        :class:`CorruptRecordError` on a wrong length or checksum (``verify``: as in :meth:`read_into`)."""
         out = torch.empty(self.shape, dtype=self.dtype)
-        return self.read_into(key, out, shard)
+        return self.read_into(key, out, shard, verify)
 
-    def read_into(self, key: str, out: torch.Tensor, shard: int | None = None) -> torch.Tensor:
+    def read_into(
+        self, key: str, out: torch.Tensor, shard: int | None = None, verify: bool | None = None
+    ) -> torch.Tensor:
         """Copy the record straight into ``out`` (contiguous, the cache's shape and dtype): one copy, used to
         fill a preallocated batch without a per-sample tensor. Raises :class:`CorruptRecordError` (``out`` then
-        holds garbage) on a wrong length or checksum."""
+        holds garbage) on a wrong length, or on a wrong checksum when ``verify`` (default: the reader's
+        ``verify``; never for caches without checksums)."""
+        verify = self.verify if verify is None else (verify and self.checksum is not None)
         shard = self._shard_of(key) if shard is None else shard
         k = key.encode()
         with self._env(shard).begin(buffers=True) as txn:
@@ -861,9 +865,11 @@ class LMDBCacheReader:
                     f"{self.path}: record {key!r} has {self.format.nbytes} bytes, the output {dst.nbytes}"
                 )
             view = memoryview(buf)
-            dst[:] = np.frombuffer(view[: self.format.nbytes], dtype=np.uint8)
-            # checksum of the copy (cache-hot) against the stored trailer
-            if self.verify and self.format.digest(k, dst) != bytes(view[self.format.nbytes :]):
+            payload = view[: self.format.nbytes]
+            dst[:] = np.frombuffer(payload, dtype=np.uint8)
+            # the source right after the copy: its cache lines are still hot (hashing the copy instead
+            # measured ~5x dearer: large copies bypass the cache)
+            if verify and self.format.digest(k, payload) != bytes(view[self.format.nbytes :]):
                 raise self._bad_record(key, shard, self.format.problem(k, buf) or "checksum mismatch")
         return out
 

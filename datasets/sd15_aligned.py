@@ -15,10 +15,13 @@ in both caches (ids the caches recorded as unreadable images are dropped with a 
 embedding table; the readers check each shard's file size and a sample of records against the metadata
 (datasets/lmdb_cache.py). LMDB environments are opened lazily in each DataLoader worker (read-only, no locks).
 
-Every record read is checked (length and checksum). A bad one in :meth:`SD15AlignedDataset.get_batch` (the
-trainer's path) is skipped -- the batch is one sample smaller -- counted (``num_bad_records``, per process) and
-logged with its cache, shard and key; ``on_bad_record="error"`` raises instead. Per-item access
-(``ds[i]``) always raises :class:`~datasets.lmdb_cache.CorruptRecordError`: it has no sample to return.
+Every record read is checked: its length always, its checksum the first time the sample is read in this run
+(``verify_checksums="once"``: a bitmap in shared memory, kept across DataLoader workers and epochs; hashing
+every read would cost a third of the copy, see docs/urepa_preprocessing.md), or on every read (``"always"``),
+or never (``"off"``). A bad record in :meth:`SD15AlignedDataset.get_batch` (the trainer's path) is skipped --
+the batch is one sample smaller -- counted (``num_bad_records``, per process) and logged with its cache, shard
+and key; ``on_bad_record="error"`` raises instead. Per-item access (``ds[i]``) always raises
+:class:`~datasets.lmdb_cache.CorruptRecordError`: it has no sample to return.
 
 CFG dropout and posterior sampling are deterministic functions of (seed, epoch, index): call ``set_epoch`` at
 the start of each epoch (before iterating a DataLoader; workers must not be persistent across epochs for the new
@@ -57,6 +60,7 @@ EXPECTATION_KEYS = {
 }
 _MASK64 = (1 << 64) - 1
 BAD_RECORD_POLICIES = ("skip", "error")
+VERIFY_MODES = ("once", "always", "off")
 
 
 def _mix64(x: int) -> int:
@@ -134,6 +138,8 @@ class SD15AlignedDataset(Dataset):
             failing; ids missing for any other reason are always an error.
         on_bad_record: a record with a wrong length or checksum met by :meth:`get_batch`: ``"skip"`` it (counted
             in ``num_bad_records``, logged) or raise (``"error"``).
+        verify_checksums: check a sample's records' checksums the first time it is read in this run
+            (``"once"``), on every read (``"always"``) or never (``"off"``; lengths are always checked).
     """
 
     def __init__(
@@ -149,10 +155,14 @@ class SD15AlignedDataset(Dataset):
         sample_posterior: bool = True,
         drop_unreadable: bool = True,
         on_bad_record: str = "skip",
+        verify_checksums: str = "once",
     ) -> None:
         if on_bad_record not in BAD_RECORD_POLICIES:
             raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        if verify_checksums not in VERIFY_MODES:
+            raise ValueError(f"verify_checksums must be one of {VERIFY_MODES}, got {verify_checksums!r}")
         self.on_bad_record = on_bad_record
+        self.verify_checksums = verify_checksums
         self.num_bad_records = 0  # skipped in this process (each DataLoader worker counts its own)
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
@@ -195,6 +205,9 @@ class SD15AlignedDataset(Dataset):
         self.class_ids = np.array([r.class_id for r in rows], dtype=np.int64)
         self._lat_shard = lat_shard[keep]
         self._dino_shard = dino_shard[keep]
+        # samples whose records passed the checksum in this run; shared memory, so that the DataLoader workers
+        # of every epoch see (and extend) the same map
+        self._verified = torch.zeros(len(rows), dtype=torch.bool).share_memory_()
 
         num_classes = embeddings.shape[0] - 1
         bad = np.flatnonzero((self.class_ids < 0) | (self.class_ids >= num_classes))
@@ -284,6 +297,11 @@ class SD15AlignedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _must_verify(self, index: int) -> bool:
+        if self.verify_checksums == "once":
+            return not bool(self._verified[index])
+        return self.verify_checksums == "always"
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -301,7 +319,8 @@ class SD15AlignedDataset(Dataset):
         if index < 0:
             index += len(self)
         sid = self._ids[index].decode()
-        latent = self.latents.get(sid, int(self._lat_shard[index])).float()
+        verify = self._must_verify(index)
+        latent = self.latents.get(sid, int(self._lat_shard[index]), verify).float()
         if self._has_moments:
             mean, std = latent[0], latent[1]
             if self.sample_posterior:
@@ -309,7 +328,8 @@ class SD15AlignedDataset(Dataset):
                 latent = mean + std * torch.randn(mean.shape, generator=gen)
             else:
                 latent = mean
-        tokens = self.dino.get(sid, int(self._dino_shard[index]))
+        tokens = self.dino.get(sid, int(self._dino_shard[index]), verify)
+        self._verified[index] |= verify
         class_id = int(self.class_ids[index])
         row = self.null_index if self.is_dropped(index) else class_id
         return {
@@ -343,9 +363,12 @@ class SD15AlignedDataset(Dataset):
         good = []
         for j, i in enumerate(idx):
             sid = self._ids[i].decode()
+            verify = self._must_verify(i)
             try:
-                self.latents.read_into(sid, lat[j], int(self._lat_shard[i]))
-                self.dino.read_into(sid, tok[j], int(self._dino_shard[i]))
+                self.latents.read_into(sid, lat[j], int(self._lat_shard[i]), verify)
+                self.dino.read_into(sid, tok[j], int(self._dino_shard[i]), verify)
+                if verify:
+                    self._verified[i] = True
             except CorruptRecordError as err:
                 if self.on_bad_record == "error":
                     raise

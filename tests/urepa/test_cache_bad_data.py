@@ -241,3 +241,30 @@ def test_old_cache_without_checksums_is_read_with_lengths_checked(tmp_path):
     assert all(torch.equal(reader.get(k), v) for k, v in values.items())
     report = verify_cache(cache, show_progress=False)
     assert report.ok and not report.checked_checksums and report.records == 12
+
+
+def test_verify_once_is_shared_by_loader_workers_and_always_reverifies(tmp_path):
+    from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader
+    from tests.urepa.fake_data import write_lmdb_caches
+
+    data = write_lmdb_caches(tmp_path / "caches", n=8)
+    args = (data["csv"], data["latent_dir"], data["dino_dir"], data["clip_embeddings"])
+    once = SD15AlignedDataset(*args, cfg_dropout=0.0)
+    assert once.verify_checksums == "once" and not once._verified.any()
+    for _ in make_batched_loader(once, 4, shuffle=False, num_workers=2, seed=None):
+        pass
+    assert once._verified.all()  # set by the (forked) workers, seen here and by the next epoch's workers
+    reader = LMDBCacheReader(data["dino_dir"])
+    victim = once.sample_id(5)
+    value = bytearray(reader.get_value(victim))
+    value[10] ^= 0x01  # one flipped bit
+    _rewrite(reader.shard_paths[int(reader.locate([victim])[0])], victim, bytes(value))
+    # "once": this run already verified the sample, its later reads are trusted (the documented trade-off)
+    assert once.get_batch(list(range(8)))["latent"].shape[0] == 8
+    always = SD15AlignedDataset(*args, cfg_dropout=0.0, verify_checksums="always")
+    always._verified[:] = True
+    assert always.get_batch(list(range(8)))["latent"].shape[0] == 7 and always.num_bad_records == 1
+    fresh = SD15AlignedDataset(*args, cfg_dropout=0.0)  # a new run verifies it at its first read
+    assert fresh.get_batch(list(range(8)))["latent"].shape[0] == 7
+    off = SD15AlignedDataset(*args, cfg_dropout=0.0, verify_checksums="off")
+    assert off.get_batch(list(range(8)))["latent"].shape[0] == 8

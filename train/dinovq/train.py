@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from models.dinovq import DinoVQModel  # noqa: E402
+from train.dinovq.config_schema import DinoVQConfig  # noqa: E402
 from train.dinovq.data import (  # noqa: E402
     EpochShuffleSampler,
     ImageDataset,
@@ -127,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, schema=DinoVQConfig)
     for key, section, value in (
         ("output_dir", "train", args.output_dir),
         ("resume_from_checkpoint", "train", args.resume_from_checkpoint),
