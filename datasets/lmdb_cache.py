@@ -237,7 +237,9 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in shards_dir.iterdir() if p.is_dir() and (p / "data.mdb").is_file())
 
 
-def _open_readonly(shard: Path) -> lmdb.Environment:
+def open_shard_readonly(shard: Path) -> lmdb.Environment:
+    """A read-only handle on ``shard`` whose file size was checked (:func:`check_shard_size`); an LMDB that
+    cannot be opened at all raises ``lmdb.Error``."""
     env = lmdb.open(
         str(shard), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True
     )
@@ -291,7 +293,7 @@ def shared_readonly_env(shard: Path | str) -> lmdb.Environment:
     env = _ENVS.get(key)
     if env is None:
         try:
-            env = _open_readonly(Path(shard))
+            env = open_shard_readonly(Path(shard))
         except lmdb.Error as err:
             raise _unopenable(Path(shard), err) from err
         _ENVS[key] = env
@@ -312,7 +314,7 @@ def _readonly(shard: Path) -> Iterator[lmdb.Environment]:
     if _ENVS_PID == os.getpid() and str(shard) in _ENVS:
         yield _ENVS[str(shard)]
         return
-    env = _open_readonly(shard)
+    env = open_shard_readonly(shard)
     try:
         yield env
     finally:

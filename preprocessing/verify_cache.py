@@ -30,8 +30,8 @@ from datasets.lmdb_cache import (  # noqa: E402
     LMDBCacheReader,
     MetadataMismatchError,
     RecordFormat,
-    _open_readonly,
     list_shards,
+    open_shard_readonly,
     read_metadata,
     release_env,
 )
@@ -69,7 +69,7 @@ def verify_cache(path: str | Path, delete_bad: bool = False, show_progress: bool
     for shard in list_shards(path):
         release_env(shard)
         try:
-            env = _open_readonly(shard)
+            env = open_shard_readonly(shard)
         except (CacheCorruptError, lmdb.Error) as err:
             report.bad_shards[shard.name] = str(err)
             continue
