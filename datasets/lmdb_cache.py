@@ -839,8 +839,9 @@ class LMDBCacheReader:
     def get(self, key: str, shard: int | None = None, verify: bool | None = None) -> torch.Tensor:
         """The tensor stored under ``key`` (``shard`` from :meth:`locate` skips the index lookup); raises
         :class:`CorruptRecordError` on a wrong length or checksum (``verify``: as in :meth:`read_into`)."""
-        out = torch.empty(self.shape, dtype=self.dtype)
-        return self.read_into(key, out, shard, verify)
+        with self._payload(key, shard, verify) as payload:
+            arr = np.frombuffer(payload, dtype=np.uint8).copy()
+        return torch.from_numpy(arr).view(self.dtype).view(self.shape)
 
     def read_into(
         self, key: str, out: torch.Tensor, shard: int | None = None, verify: bool | None = None
@@ -849,6 +850,18 @@ class LMDBCacheReader:
         fill a preallocated batch without a per-sample tensor. Raises :class:`CorruptRecordError` (``out`` then
         holds garbage) on a wrong length, or on a wrong checksum when ``verify`` (default: the reader's
         ``verify``; never for caches without checksums)."""
+        dst = out.view(-1).view(torch.uint8).numpy()
+        if dst.nbytes != self.format.nbytes:
+            raise ValueError(f"{self.path}: records have {self.format.nbytes} bytes, the output {dst.nbytes}")
+        with self._payload(key, shard, verify) as payload:
+            dst[:] = np.frombuffer(payload, dtype=np.uint8)
+        return out
+
+    @contextmanager
+    def _payload(self, key: str, shard: int | None, verify: bool | None) -> Iterator[memoryview]:
+        """The record's tensor bytes (length checked) while the read transaction is open; after the caller's
+        copy, the checksum of the source, whose cache lines are still hot (hashing the copy instead measured
+        dearer: large copies bypass the cache)."""
         verify = self.verify if verify is None else (verify and self.checksum is not None)
         shard = self._shard_of(key) if shard is None else shard
         k = key.encode()
@@ -861,19 +874,11 @@ class LMDBCacheReader:
             bad_length = self.format.length_problem(buf)
             if bad_length:
                 raise self._bad_record(key, shard, bad_length)
-            dst = out.view(-1).view(torch.uint8).numpy()
-            if dst.nbytes != self.format.nbytes:
-                raise ValueError(
-                    f"{self.path}: record {key!r} has {self.format.nbytes} bytes, the output {dst.nbytes}"
-                )
             view = memoryview(buf)
             payload = view[: self.format.nbytes]
-            dst[:] = np.frombuffer(payload, dtype=np.uint8)
-            # the source right after the copy: its cache lines are still hot (hashing the copy instead
-            # measured ~5x dearer: large copies bypass the cache)
+            yield payload
             if verify and self.format.digest(k, payload) != bytes(view[self.format.nbytes :]):
                 raise self._bad_record(key, shard, self.format.problem(k, buf) or "checksum mismatch")
-        return out
 
     def keys(self) -> list[str]:
         return [k.decode() for k in self._sorted_keys.tolist()]
