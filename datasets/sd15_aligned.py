@@ -297,10 +297,11 @@ class SD15AlignedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _must_verify(self, index: int) -> bool:
+    def _must_verify(self, indices: list[int]) -> list[bool]:
+        """Whether each sample's checksums are to be checked on this read (one look-up per batch)."""
         if self.verify_checksums == "once":
-            return not bool(self._verified[index])
-        return self.verify_checksums == "always"
+            return (~self._verified[torch.tensor(indices, dtype=torch.long)]).tolist()
+        return [self.verify_checksums == "always"] * len(indices)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -319,7 +320,7 @@ class SD15AlignedDataset(Dataset):
         if index < 0:
             index += len(self)
         sid = self._ids[index].decode()
-        verify = self._must_verify(index)
+        verify = self._must_verify([index])[0]
         latent = self.latents.get(sid, int(self._lat_shard[index]), verify).float()
         if self._has_moments:
             mean, std = latent[0], latent[1]
@@ -361,14 +362,11 @@ class SD15AlignedDataset(Dataset):
             lat = torch.empty(lat_shape, dtype=self.latents.dtype)
         tok = _batch_tensor((n, *self.dino.shape), self.dino.dtype)
         good = []
-        for j, i in enumerate(idx):
+        for j, (i, verify) in enumerate(zip(idx, self._must_verify(idx))):
             sid = self._ids[i].decode()
-            verify = self._must_verify(i)
             try:
                 self.latents.read_into(sid, lat[j], int(self._lat_shard[i]), verify)
                 self.dino.read_into(sid, tok[j], int(self._dino_shard[i]), verify)
-                if verify:
-                    self._verified[i] = True
             except CorruptRecordError as err:
                 if self.on_bad_record == "error":
                     raise
@@ -381,6 +379,8 @@ class SD15AlignedDataset(Dataset):
                 )
                 continue
             good.append(j)
+        if self.verify_checksums == "once":
+            self._verified[torch.tensor([idx[j] for j in good], dtype=torch.long)] = True
         if len(good) < n:
             if not good:
                 raise CorruptRecordError(

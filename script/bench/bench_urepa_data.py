@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -177,11 +178,13 @@ def bench_loader(args: argparse.Namespace, work: Path) -> None:
     # Rounds: each round measures the raw reads and every loader once, so drifts in machine load and memory
     # state hit all of them alike; medians over the rounds are reported.
     runs: dict = {"drop": [], "keep": [], **{k: [] for k in loaders}}
-    for _ in range(args.repeats):
+    for round_ in range(args.repeats):
         runs["drop"].append(raw_sequential(root, ids, bs, False))
         runs["keep"].append(raw_sequential(root, ids, bs, True))
-        for key, loader in loaders.items():
-            runs[key].append(loader_rate(loader))
+        order = list(loaders)
+        random.Random(round_).shuffle(order)  # no loader always runs right after the same one
+        for key in order:
+            runs[key].append(loader_rate(loaders[key]))
     med = {k: float(np.median(v)) for k, v in runs.items()}
     raw_drop, raw_keep = med["drop"], med["keep"]
     print(
