@@ -22,6 +22,7 @@ $PY train/dinovq/train.py --config configs/dinovq_tiny_demo.yaml --output_dir "$
 $PY train/latent_dino_head/train.py --sd_path "$TINY/sd15" \
     --dino_source "$TINY/dinov2/dinov2_tiny14_pretrain.pth" --dino_variant tiny14 --resolution 56 \
     --image_size 64 --data_dir "$TINY/imagenet" --output_dir "$OUT/latent_head" \
-    --hidden 32 --depth 2 --batch_size 4 --max_steps 20 --save_every 10 --num_workers 0 --log_every 5
+    --hidden 32 --depth 2 --batch_size 4 --max_train_steps 20 --checkpointing_steps 10 --num_workers 0 \
+    --log_every 5 --overwrite_output_dir
 
 echo "outputs: $OUT/dinovq (checkpoints, samples/*.png, logs/ for TensorBoard), $OUT/latent_head"

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,19 +116,27 @@ def resolve_resume_path(
 def prune_checkpoints(
     output_dir: str | os.PathLike, total_limit: int | None, prefix: str = "checkpoint-"
 ) -> None:
-    """Keep only the newest ``total_limit`` checkpoints (None or <= 0 keeps all)."""
-    if not total_limit or total_limit <= 0:
+    """Keep at most ``total_limit`` checkpoints, the newest (None keeps all; 1 keeps one).
+
+    The one pruning rule of every trainer: called after a checkpoint is complete, never before.
+    """
+    if total_limit is None:
         return
+    if total_limit < 1:
+        raise ValueError(f"checkpoints_total_limit must be >= 1 (or None to keep all), got {total_limit}")
     ckpts = list_checkpoints(output_dir, prefix)
     for old in ckpts[: max(0, len(ckpts) - total_limit)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_save_state(accelerator: Any, output_dir: str | os.PathLike) -> Path:
+def atomic_save_state(
+    accelerator: Any, output_dir: str | os.PathLike, write_extra: Callable[[Path], None] | None = None
+) -> Path:
     """``accelerator.save_state`` into a temporary directory, renamed when complete.
 
     Only the main process renames; all processes write into the same temporary directory name, which
-    is derived deterministically so that every rank agrees on it.
+    is derived deterministically so that every rank agrees on it. ``write_extra(tmp_dir)`` (main process)
+    adds files before the rename, so they appear together with the rest.
     """
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(f".{output_dir.name}.partial")
@@ -138,6 +146,8 @@ def atomic_save_state(accelerator: Any, output_dir: str | os.PathLike) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)

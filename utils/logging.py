@@ -34,3 +34,12 @@ def progress(
 ) -> tqdm:
     """A tqdm bar with the repo's defaults (rate shown in ``unit``/s, smooth rate estimate)."""
     return tqdm(iterable, total=total, desc=desc, disable=disable, unit=unit, dynamic_ncols=True, **kwargs)
+
+
+def get_main_process_logger(name: str, level: int = logging.INFO):
+    """``accelerate.logging.get_logger`` over the repo's handler: messages from the main process only
+    (``main_process_only=False`` per call for all ranks). Use it only once an ``Accelerator`` exists."""
+    from accelerate.logging import get_logger as accelerate_get_logger
+
+    get_logger(name, level)  # the stderr handler and format
+    return accelerate_get_logger(name, log_level=logging.getLevelName(level))

@@ -30,21 +30,30 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_mask_of_another_size_is_an_error_naming_both_files(tmp_path):
     _case(tmp_path, (16, 32), np.zeros((16, 16), np.uint8))  # image 32x16, mask 16x16
     with pytest.raises(ValueError, match=r"mask .*000_mask\.png is 16x16 but its image .*000\.png is 32x16"):
-        MVTecAnomalyPairDataset(tmp_path, "c", "d", resolution=16)
+        MVTecAnomalyPairDataset(tmp_path, "c", "d", resolution=16, split_rule="ceil")
 
 
-def test_mask_size_mismatch_resize_follows_the_image_geometry(tmp_path):
+@pytest.mark.parametrize("resize_mode", ["bilinear", "bicubic_center_crop"])
+def test_mask_size_mismatch_resize_follows_the_image_geometry(tmp_path, resize_mode):
     # true mask on the 32x16 image: columns 16..23, rows 4..11; the file holds it squashed to 16x16
     truth = np.zeros((16, 32), bool)
     truth[4:12, 16:24] = True
     squashed = np.zeros((16, 16), np.uint8)
     squashed[4:12, 8:12] = 255
     _case(tmp_path, (16, 32), squashed)
-    ds = MVTecAnomalyPairDataset(tmp_path, "c", "d", resolution=16, mask_size_mismatch="resize")
+    ds = MVTecAnomalyPairDataset(
+        tmp_path,
+        "c",
+        "d",
+        resolution=16,
+        split_rule="ceil",
+        resize_mode=resize_mode,
+        mask_size_mismatch="resize",
+    )
     want = truth[:, 8:24]  # the image's centre crop at resolution 16
     assert _iou(ds.masks[0][0].numpy(), want) > 0.95
     # resized on its own (the old behaviour), the mask lands on other pixels than its anomaly
-    alone = _load_mask(tmp_path / "c/ground_truth/d/000_mask.png", 16)[0].numpy()
+    alone = _load_mask(tmp_path / "c/ground_truth/d/000_mask.png", 16, resize_mode)[0].numpy()
     assert _iou(alone, want) < 0.6
 
 
@@ -54,7 +63,7 @@ def test_16bit_mask_is_scaled_before_binarising(tmp_path):
     mask[10:12, 10:12] = 30000  # 0.46: out (clipping to 8 bits would read it as 255, i.e. in)
     mask[13:15, 13:15] = 36000  # 0.55: in
     _case(tmp_path, (16, 16), mask)
-    m = MVTecAnomalyPairDataset(tmp_path, "c", "d", resolution=16).masks[0][0].numpy()
+    m = MVTecAnomalyPairDataset(tmp_path, "c", "d", resolution=16, split_rule="ceil").masks[0][0].numpy()
     assert m[2:6, 2:6].all() and not m[10:12, 10:12].any() and m[13:15, 13:15].all() and m.sum() == 16 + 4
 
 

@@ -77,12 +77,14 @@ def test_distillation_loss_decreases(tiny_assets, tmp_path):
             "4",
             "--lr",
             "3e-3",
-            "--max_steps",
+            "--max_train_steps",
             "12",
+            "--log_every",
+            "1",
             "--num_workers",
             "0",
-            "--device",
-            "cpu",
+            "--report_to",
+            "none",
         ]
     )
     assert len(history) == 12

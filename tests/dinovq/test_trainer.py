@@ -73,7 +73,7 @@ def run(data, out, *extra, sets=()):
 
 
 def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(out) / "losses.jsonl").read_text().splitlines()]
 
 
 def test_resume_reproduces_uninterrupted_run(data, tmp_path):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from datasets.mvtec import FLIP_MODES, MASK_SIZE_MISMATCH, SPLIT_RULES
+from datasets.mvtec import FG_BACKGROUNDS, FLIP_MODES, MASK_SIZE_MISMATCH, RESIZE_MODES, SPLIT_RULES
 from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
-from models.dual_lora import DUAL_MODES
+from models.dual_lora import DUAL_MODES, INTERACTION_INITS, INTERACTION_PRESETS
+from models.schedulers import SCHEDULERS
+from train.core.config import add_core_args
 from utils.images import DEFAULT_MAX_PIXELS
 
 DINOV2_CHOICES = (
@@ -28,7 +30,8 @@ DINOV2_CHOICES = (
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
+    add_core_args(parser, **core_help)
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--pretrained_model_name_or_path",
@@ -40,13 +43,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--instance_data_dir", required=True, help="MVTec AD root (holds <class>/train/good, ...)."
     )
     g.add_argument("--mvtec_name", required=True, help="MVTec class, e.g. hazelnut.")
-    g.add_argument("--output_dir", required=True, help="Where checkpoints, final weights and logs go.")
     g.add_argument("--resolution", type=int, default=512, help="Training resolution (multiple of 8).")
     g.add_argument(
         "--flip",
         choices=FLIP_MODES,
-        default="horizontal",
-        help="Random flips (image, mask and fg get the same ones). 'both' adds vertical flips.",
+        default=None,
+        help="Random flips, probability 0.5 each (image, mask and fg get the same ones): h = horizontal, "
+        "hv = horizontal and vertical, none. Default: the reference's (hv; none for cable).",
+    )
+    g.add_argument(
+        "--resize_mode",
+        choices=RESIZE_MODES,
+        default="bilinear",
+        help="bilinear: the reference's resize (PIL bilinear of the shorter side, as transforms.Resize); "
+        "bicubic_center_crop: torch bicubic (antialiased) + centre crop, this repository's earlier resize.",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     g.add_argument(
@@ -60,9 +70,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     g.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step."
-    )
-    g.add_argument(
         "--learning_rate", type=float, default=1e-4, help="AdamW learning rate for the LoRA weights."
     )
     g.add_argument(
@@ -72,12 +79,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant", help="LR schedule.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
-    g.add_argument(
-        "--max_train_steps",
-        type=int,
-        required=True,
-        help="Total optimizer steps (stage 2 counts on from the stage-1 checkpoint's step).",
-    )
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -92,41 +93,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="U-Net (and trained text encoder) gradient checkpointing: less memory, slower.",
     )
-    g.add_argument(
-        "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        default=None,
-        help="Precision of the frozen weights / autocast (default: accelerate config).",
-    )
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="Seed of data order, flips, noise and timesteps (each step's draws depend only on the "
-        "seed and the step, so a resumed run repeats the uninterrupted one).",
-    )
-
     g = parser.add_argument_group("checkpoints and logging")
-    g.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save checkpoint-<step>/ (accelerate state) every N steps; the last step is always saved.",
-    )
-    g.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints."
-    )
-    g.add_argument(
-        "--report_to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, all, none."
-    )
-    g.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
     g.add_argument(
         "--validation_prompt", default=None, help="Prompt sampled every --validation_steps (PNG grid)."
     )
     g.add_argument("--validation_steps", type=int, default=500, help="Steps between validation samples.")
     g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Sampler steps for validation.")
+    g.add_argument(
+        "--validation_scheduler", choices=SCHEDULERS, default="dpmsolver++", help="Sampler for validation."
+    )
+    g.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=2.5,
+        help="Classifier-free guidance of the validation samples (2.5: the reference's inference value).",
+    )
 
     g = parser.add_argument_group("DINOv2 perceptual loss")
     g.add_argument("--use_dinov2_loss", action="store_true", help="Add the DINOv2 perceptual loss.")
@@ -199,11 +181,6 @@ def stage1_parser() -> argparse.ArgumentParser:
     )
     _common(parser)
     parser.add_argument("--instance_prompt", default="a vfx", help="Prompt of every training image.")
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="'latest' (newest checkpoint-<step> in --output_dir; fresh start if none) or a path.",
-    )
     return parser
 
 
@@ -212,7 +189,15 @@ def stage2_parser() -> argparse.ArgumentParser:
         description="Stage 2 (dual): dual-interrelated LoRA on one defect type's few-shot split; blend branch = "
         "whole anomalous image, fg branch = the anomaly alone."
     )
-    _common(parser)
+    _common(
+        parser,
+        max_steps_help="Total optimizer steps, counted on from the stage-1 checkpoint's step "
+        "(the seed: stage 1 5000 -> stage 2 8000).",
+        resume_help="A stage-1 checkpoint dir (LoRA copied into both branches, step count continues), a "
+        "stage-2 checkpoint dir (everything restored), or 'latest' (newest in --output_dir). "
+        "If --output_dir already holds stage-2 checkpoints, the newest is resumed instead of "
+        "the stage-1 checkpoint (so re-running the same command continues).",
+    )
     parser.add_argument(
         "--mvtec_anamaly_name",
         "--mvtec_anomaly_name",
@@ -225,17 +210,9 @@ def stage2_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--instance_prompt_fg", default="sks", help="Prompt of the fg branch.")
     parser.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A stage-1 checkpoint dir (LoRA copied into both branches, step count continues), a "
-        "stage-2 checkpoint dir (everything restored), or 'latest' (newest in --output_dir). "
-        "If --output_dir already holds stage-2 checkpoints, the newest is resumed instead of "
-        "the stage-1 checkpoint (so re-running the same command continues).",
-    )
-    parser.add_argument(
         "--restart_from_stage1",
         action="store_true",
-        help="Ignore stage-2 checkpoints in --output_dir and start again from the stage-1 one.",
+        help="Delete the stage-2 checkpoints and logs in --output_dir and start again from the stage-1 one.",
     )
     parser.add_argument(
         "--dual_mode",
@@ -245,10 +222,26 @@ def stage2_parser() -> argparse.ArgumentParser:
         "(one LoRA, no interaction), for ablation.",
     )
     parser.add_argument(
+        "--interaction_preset",
+        choices=INTERACTION_PRESETS,
+        default="official",
+        help="Branch-interaction module after every attention layer. official: DualAnoDiff's (single-head "
+        "attention over the 2 branches, width C, q/k/v with bias, LayerNorm eps 1e-6; ~124 M parameters on "
+        "SD-1.5); light: this repository's smaller one (width C / --interaction_reduction, attn.heads heads, "
+        "no q/k/v bias; ~16 M).",
+    )
+    parser.add_argument(
+        "--interaction_init",
+        choices=INTERACTION_INITS,
+        default="zero",
+        help="zero: output projection zero-initialised, so stage 2 starts exactly as the stage-1 model; "
+        "default: PyTorch's default init everywhere (the reference's).",
+    )
+    parser.add_argument(
         "--interaction_reduction",
         type=int,
-        default=4,
-        help="Interaction q/k/v width = attention width / this.",
+        default=None,
+        help="light preset only: interaction q/k/v width = attention width / this (default 4).",
     )
     parser.add_argument(
         "--interaction_learning_rate",
@@ -259,9 +252,16 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split_rule",
         choices=SPLIT_RULES,
-        default="ceil",
-        help="Few-shot split: ceil = first ceil(N/3) images train, rest held out; original = the "
-        "original code's rule (overlaps train and held-out by one when N %% 3 != 0).",
+        default="official",
+        help="Few-shot split of the N sorted defect images: official = the first N//3 (+1 if N//3 is "
+        "not a multiple of 3) train, as the reference code; ceil = the first ceil(N/3). The rest is held out.",
+    )
+    parser.add_argument(
+        "--fg_background",
+        choices=tuple(FG_BACKGROUNDS),
+        default="grey",
+        help="fg-branch image outside the mask: grey (0 in [-1, 1], the references' image x mask) or black "
+        "(-1). Generation reads it from the weights' dual_config.json for mask extraction.",
     )
     parser.add_argument(
         "--dinov2_on_fg", action="store_true", help="Apply the DINOv2 loss to the fg branch too."
@@ -291,11 +291,19 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.train_batch_size >= 1, "--train_batch_size must be >= 1")
     need(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
     need(args.max_train_steps >= 1, "--max_train_steps must be >= 1")
+    if args.checkpoints_total_limit is not None:
+        need(
+            args.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1 (omit it to keep all)"
+        )
     need(args.learning_rate > 0, "--learning_rate must be > 0")
     need(args.rank >= 1, "--rank must be >= 1")
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
     need(args.max_image_pixels >= 1, "--max_image_pixels must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
+    need(
+        args.validation_guidance_scale >= 1.0,
+        "--validation_guidance_scale must be >= 1 (1 disables guidance)",
+    )
     need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
         f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",
@@ -313,8 +321,16 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         len(set(args.dinov2_feature_layers)) == len(args.dinov2_feature_layers),
         "--dinov2_feature_layers has duplicates",
     )
-    if getattr(args, "interaction_reduction", 1) < 1:
-        raise SystemExit("error: --interaction_reduction must be >= 1")
+    if hasattr(args, "interaction_preset"):
+        if args.interaction_preset == "official":
+            need(
+                args.interaction_reduction in (None, 1),
+                "--interaction_reduction applies to --interaction_preset light only (official has width C)",
+            )
+            args.interaction_reduction = 1
+        elif args.interaction_reduction is None:
+            args.interaction_reduction = 4
+        need(args.interaction_reduction >= 1, "--interaction_reduction must be >= 1")
     if args.report_to in ("none", ""):
         args.report_to = None
     return args

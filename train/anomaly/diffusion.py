@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from losses.diffusion_target import noisy_and_target
+
+__all__ = ["encode_images", "noisy_and_target", "sample_noise", "sample_pair_noise", "sample_timesteps"]
+
 
 @torch.no_grad()
 def encode_images(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -27,16 +31,14 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
 
 
-def noisy_and_target(
-    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+def sample_pair_noise(
+    latents_blend: torch.Tensor, latents_fg: torch.Tensor, generator: torch.Generator, shared: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, regression target) for the scheduler's prediction type (epsilon or v_prediction)."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
-    return noisy, target
+    """Noise of a stage-2 (blend, fg) pair: independent draws (DualAnoDiff), or ONE draw used by both
+    branches (``shared``: the seed's stage 2, ``--dual_mode shared``)."""
+    noise_blend = sample_noise(latents_blend, generator)
+    if shared:
+        if latents_fg.shape != latents_blend.shape:
+            raise ValueError(f"branch latents differ in shape: {latents_blend.shape} vs {latents_fg.shape}")
+        return noise_blend, noise_blend
+    return noise_blend, sample_noise(latents_fg, generator)

@@ -102,6 +102,7 @@ class TrainSection(ConfigSection):
     log_every: PositiveInt = 50
     checkpointing_steps: PositiveInt = 5000
     checkpoints_total_limit: PositiveInt | None = 3
+    max_consecutive_nonfinite: PositiveInt = 5  # non-finite steps are skipped; stop after this many in a row
     eval_every: PositiveInt = 5000
     resume_from_checkpoint: str | None = None  # latest | a checkpoint dir | null
 

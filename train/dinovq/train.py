@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -28,6 +27,16 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from models.dinovq import DinoVQModel  # noqa: E402
+from train.core import (  # noqa: E402
+    CoreConfig,
+    Optim,
+    StepContext,
+    Task,
+    epoch_stream,
+    make_accelerator,
+    make_lr_scheduler,
+    run_training,
+)
 from train.dinovq.config_schema import DinoVQConfig  # noqa: E402
 from train.dinovq.data import (  # noqa: E402
     EpochShuffleSampler,
@@ -37,11 +46,9 @@ from train.dinovq.data import (  # noqa: E402
     split_holdout,
 )
 from train.dinovq.evaluate import evaluate_reconstruction  # noqa: E402
-from utils.checkpoint import atomic_save_state, checkpoint_step, prune_checkpoints, resolve_resume_path  # noqa: E402
 from utils.config import add_config_args, load_config, save_config  # noqa: E402
 from utils.images import save_image_grid  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
-from utils.seed import seed_everything  # noqa: E402
+from utils.logging import get_logger  # noqa: E402
 from utils.weights import MissingWeightsError  # noqa: E402
 
 logger = get_logger("dinovq.train")
@@ -60,36 +67,16 @@ def get_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    if kind not in ("constant", "cosine"):
-        raise ValueError(f"train.lr_scheduler must be 'constant' or 'cosine', got {kind!r}")
+def schedule_name(kind: str, warmup: int) -> str:
+    """``train.lr_scheduler`` -> a ``diffusers.optimization.get_scheduler`` name (both spellings accepted)."""
+    if kind == "constant":
+        return "constant_with_warmup" if warmup > 0 else "constant"
+    from diffusers.optimization import SchedulerType
 
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-    return f
-
-
-class TrainState:
-    """Optimizer step and data position, saved with ``accelerator.save_state`` (register_for_checkpointing)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of ``epoch`` already consumed
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+    valid = [t.value for t in SchedulerType]
+    if kind not in valid:
+        raise ValueError(f"train.lr_scheduler must be one of {valid}, got {kind!r}")
+    return kind
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Stop after this optimizer step with a checkpoint, keeping the schedule of max_steps "
         "(time-limited jobs: resume later with --resume_from_checkpoint latest).",
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start fresh in an output dir that already holds a run (its checkpoints and logs are deleted).",
     )
     parser.add_argument(
         "--dino_cache",
@@ -198,29 +190,33 @@ class DinoTargets:
         return torch.stack([self.cache.get(k) for k in ids]).to(self.device, torch.float32)
 
 
+def core_config(cfg: dict[str, Any], args: argparse.Namespace) -> CoreConfig:
+    t = cfg["train"]
+    return CoreConfig(
+        output_dir=str(t["output_dir"]),
+        max_steps=int(t["max_steps"]),
+        seed=int(t.get("seed", 0)),
+        mixed_precision=str(t.get("mixed_precision", "no")),
+        gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),
+        checkpointing_steps=int(t.get("checkpointing_steps", 1000)),
+        checkpoints_total_limit=t.get("checkpoints_total_limit"),
+        resume_from_checkpoint=t.get("resume_from_checkpoint"),
+        overwrite_output_dir=bool(args.overwrite_output_dir),
+        log_every=int(t.get("log_every", 10)),
+        max_consecutive_nonfinite=int(t.get("max_consecutive_nonfinite", 5)),
+        stop_at_step=args.stop_at_step,
+        project_name="dinovq",
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     cfg = build_config(args)
     tcfg, mcfg, dcfg, ecfg = cfg["train"], dict(cfg["model"]), cfg["data"], cfg["eval"]
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
-    output_dir = Path(tcfg["output_dir"])
-    accum = int(tcfg.get("gradient_accumulation_steps", 1))
-    accelerator = Accelerator(
-        gradient_accumulation_steps=accum,
-        mixed_precision=tcfg.get("mixed_precision", "no"),
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-        # the discriminator gets no gradient in the generator pass and vice versa
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    seed = int(tcfg.get("seed", 0))
-    seed_everything(seed)
-    device = accelerator.device
+    core = core_config(cfg, args)
+    # the discriminator gets no gradient in the generator pass and vice versa
+    accelerator = make_accelerator(core, find_unused_parameters=True)
+    seed, device, output_dir = core.seed, accelerator.device, Path(core.output_dir)
 
     targets = DinoTargets(cfg["dino"], device)
     if mcfg.get("dino_dim") in (None, "auto"):
@@ -235,8 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_ds = ImageDataset(train_items, img_size, augment=augment, seed=seed)
     sampler = EpochShuffleSampler(len(train_ds), seed=seed)
     bs = int(tcfg["batch_size"])
-    if len(train_ds) < bs:
-        raise ValueError(f"{len(train_ds)} training images < batch_size {bs}")
+    if len(train_ds) < bs * accelerator.num_processes:
+        raise ValueError(
+            f"{len(train_ds)} training images < one global batch "
+            f"(batch_size {bs} x {accelerator.num_processes} processes)"
+        )
     nw = int(dcfg.get("num_workers", 0))
     # Own generators: creating a DataLoader iterator draws a worker base seed, which must not advance the
     # global torch RNG (used by the quantizer's dead-code restarts) differently in resumed and full runs.
@@ -259,11 +258,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else None
     )
 
+    max_steps, warmup = core.max_steps, int(tcfg.get("warmup_steps", 0))
     gen_opt = get_optimizer(model.generator_parameters(), float(tcfg["lr"]), float(tcfg["weight_decay"]))
-    max_steps = int(tcfg["max_steps"])
-    warmup = int(tcfg.get("warmup_steps", 0))
-    gen_sched = torch.optim.lr_scheduler.LambdaLR(
-        gen_opt, lr_lambda(tcfg.get("lr_scheduler", "constant"), warmup, max_steps)
+    gen_sched = make_lr_scheduler(
+        schedule_name(str(tcfg.get("lr_scheduler", "constant")), warmup),
+        gen_opt,
+        warmup_steps=warmup,
+        max_steps=max_steps,
+        num_processes=accelerator.num_processes,
     )
     objs = [model, gen_opt, gen_sched, train_dl]
     if model.use_gan:
@@ -272,135 +274,107 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             float(tcfg.get("disc_lr", tcfg["lr"])),
             float(tcfg["weight_decay"]),
         )
-        disc_sched = torch.optim.lr_scheduler.LambdaLR(disc_opt, lr_lambda("constant", 0, max_steps))
+        disc_sched = make_lr_scheduler(
+            "constant", disc_opt, warmup_steps=0, max_steps=max_steps, num_processes=accelerator.num_processes
+        )
         objs += [disc_opt, disc_sched]
     prepared = accelerator.prepare(*objs)
     model, gen_opt, gen_sched, train_dl = prepared[:4]
-    disc_opt = prepared[4] if model_use_gan(model, accelerator) else None
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
     raw = accelerator.unwrap_model(model)
-
-    resume = resolve_resume_path(output_dir, tcfg.get("resume_from_checkpoint"))
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        logger.info("resumed from %s at step %d", resume, state.step)
-        if state.step != checkpoint_step(resume):
-            logger.warning("checkpoint name says step %d, state says %d", checkpoint_step(resume), state.step)
+    max_norm = float(tcfg.get("max_grad_norm") or 0.0)
+    optims = [Optim("generator", gen_opt, gen_sched, list(raw.generator_parameters()), max_norm)]
+    disc_params: list[torch.nn.Parameter] = []
+    if raw.use_gan:
+        disc_params = list(raw.loss_fn.discriminator.parameters())
+        # the discriminator updates only once disc_start is reached (its LR schedule starts then too)
+        optims.append(
+            Optim("discriminator", prepared[4], prepared[5], disc_params, max_norm, active=disc_active(raw))
+        )
 
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_config({**cfg, "model": mcfg}, output_dir / "config.yaml")
-        accelerator.init_trackers("dinovq")
-    log_path = output_dir / "train_log.jsonl"
-
     lpips_fn, inception = build_eval_nets(raw, ecfg, device, accelerator.is_main_process)
-
     last_metrics: dict[str, float] = {}
-    bar = progress(total=max_steps, desc="dinovq", disable=not accelerator.is_local_main_process, unit="step")
-    bar.update(state.step)
-    t0 = time.time()
-    stop_at = min(max_steps, args.stop_at_step) if args.stop_at_step else max_steps
-    while state.step < stop_at:
-        # accelerate's DataLoaderShard re-sets the sampler's and dataset's epoch from its own pass counter
-        # at every __iter__; set that counter so a resumed run continues with the right shuffle and crops.
-        train_dl.set_epoch(state.epoch)
-        sampler.set_epoch(state.epoch)
-        train_ds.set_epoch(state.epoch)
-        skip = state.batch_in_epoch
-        loader = train_dl
-        if skip:
-            loader = accelerator.skip_first_batches(train_dl, skip)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(state.epoch)
-        for batch in loader:
+
+    def step_fn(micro: list[dict], ctx: StepContext) -> dict[str, torch.Tensor]:
+        logs: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro):
             imgs = batch["image"].to(device)
-            logs = train_micro_step(
-                accelerator, model, raw, imgs, batch["id"], targets, state.step, gen_opt, disc_opt, tcfg
-            )
-            state.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            gen_sched.step()
-            if disc_opt is not None and raw.loss_fn.disc_factor(state.step) > 0:
-                prepared[5].step()  # only once the discriminator has stepped (disc_start)
-            state.step += 1
-            bar.update(1)
-            logs["lr"] = gen_sched.get_last_lr()[0]
-            if raw.last_adaptive_weight is not None and raw.use_gan:
-                logs["adaptive_weight"] = raw.last_adaptive_weight
-            if state.step % int(tcfg.get("log_every", 10)) == 0 or state.step == max_steps:
-                accelerator.log(logs, step=state.step)
-                bar.set_postfix(loss=f"{logs['total_loss']:.4f}")
-            if accelerator.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": state.step, **logs}) + "\n")
-            if state.step % int(tcfg.get("checkpointing_steps", 1000)) == 0 or state.step == stop_at:
-                ckpt = output_dir / f"checkpoint-{state.step}"
-                atomic_save_state(accelerator, ckpt)
-                if accelerator.is_main_process:
-                    prune_checkpoints(output_dir, tcfg.get("checkpoints_total_limit"))
-                    logger.info("saved %s", ckpt)
-            every = int(tcfg.get("eval_every", 1000))
-            if (
-                val_dl is not None
-                and accelerator.is_main_process
-                and (state.step % every == 0 or state.step == max_steps)
-            ):
-                last_metrics = run_eval(
-                    raw, val_dl, lpips_fn, inception, device, ecfg, output_dir, state.step
-                )
-                accelerator.log({f"eval/{k}": v for k, v in last_metrics.items()}, step=state.step)
-            if state.step >= stop_at:
-                break
-        else:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    bar.close()
-    accelerator.wait_for_everyone()
+            with ctx.micro_step(i):
+                out = train_micro_step(accelerator, ctx, model, raw, imgs, batch["id"], targets, disc_params)
+            for k, v in out.items():
+                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v).detach().float() / len(micro)
+        logs["loss"] = logs["total_loss"]
+        if raw.use_gan and raw.last_adaptive_weight is not None:
+            logs["adaptive_weight"] = raw.last_adaptive_weight
+        return logs
+
+    def on_step_end(step: int) -> None:
+        nonlocal last_metrics
+        every = int(tcfg.get("eval_every", 1000))
+        if val_dl is not None and accelerator.is_main_process and (step % every == 0 or step == max_steps):
+            last_metrics = run_eval(raw, val_dl, lpips_fn, inception, device, ecfg, output_dir, step)
+            accelerator.log({f"eval/{k}": v for k, v in last_metrics.items()}, step=step)
+
+    def on_epoch(epoch: int) -> None:
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+
+    t0 = time.time()
+    run_training(
+        accelerator,
+        core,
+        Task(
+            step_fn=step_fn,
+            batches=lambda start: epoch_stream(accelerator, train_dl, start, on_epoch),
+            optims=optims,
+            train_modules=[model],
+            on_step_end=on_step_end,
+            tracker_config={**cfg, "model": mcfg},
+        ),
+    )
     if accelerator.is_main_process:
-        logger.info("done: %d steps in %.1fs; outputs in %s", state.step, time.time() - t0, output_dir)
-    accelerator.end_training()
+        logger.info("done in %.1fs; outputs in %s", time.time() - t0, output_dir)
     return last_metrics
 
 
-def model_use_gan(model, accelerator) -> bool:
-    return accelerator.unwrap_model(model).use_gan
+def disc_active(raw):
+    return lambda step: raw.loss_fn.disc_factor(step) > 0
 
 
-def train_micro_step(
-    accelerator, model, raw, imgs, ids, targets, step, gen_opt, disc_opt, tcfg
-) -> dict[str, float]:
-    """One micro-batch: generator pass (+ discriminator pass once ``disc_start`` is reached)."""
+def train_micro_step(accelerator, ctx, model, raw, imgs, ids, targets, disc_params) -> dict[str, Any]:
+    """One micro-batch: generator pass, then the discriminator pass once ``disc_start`` is reached.
+
+    During the generator pass the discriminator's parameters are frozen (as Lightning's ``toggle_optimizer``
+    in taming): the adversarial term's gradient reaches the decoder but is not added to the
+    discriminator's own gradient, which comes from the discriminator loss alone.
+    """
     dino_gt = targets(imgs, list(ids))
-    max_norm = tcfg.get("max_grad_norm")
-    logs: dict[str, float] = {}
-    with accelerator.accumulate(model):
+    logs: dict[str, Any] = {}
+    for p in disc_params:
+        p.requires_grad_(False)
+    try:
         with accelerator.autocast():
-            out = model(imgs, dino_gt, update_type="generator", global_step=step)
-        accelerator.backward(out["total_loss"])
-        if max_norm and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(raw.generator_parameters(), float(max_norm))
-        gen_opt.step()
-        gen_opt.zero_grad(set_to_none=True)
-        logs.update({k: float(v.detach()) for k, v in out.items()})
-        if disc_opt is not None and raw.loss_fn.disc_factor(step) > 0:
-            with accelerator.autocast():
-                d = model(
-                    imgs,
-                    None,
-                    update_type="discriminator",
-                    global_step=step,
-                    reconstructions=raw.last_reconstructions,
-                )
-            accelerator.backward(d["disc_loss"])
-            if max_norm and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(raw.loss_fn.discriminator.parameters(), float(max_norm))
-            disc_opt.step()
-            disc_opt.zero_grad(set_to_none=True)
-            logs.update({k: float(v.detach()) for k, v in d.items()})
+            out = model(imgs, dino_gt, update_type="generator", global_step=ctx.step)
+        ctx.backward(out["total_loss"])
+    finally:
+        for p in disc_params:
+            p.requires_grad_(True)
+    logs.update(out)
+    if disc_params and raw.loss_fn.disc_factor(ctx.step) > 0:
+        with accelerator.autocast():
+            d = model(
+                imgs,
+                None,
+                update_type="discriminator",
+                global_step=ctx.step,
+                reconstructions=raw.last_reconstructions,
+            )
+        ctx.backward(d["disc_loss"])
+        logs.update(d)
     if raw.last_indices is not None:
         idx = raw.last_indices.flatten()
-        logs["batch_codebook_usage"] = float(idx.unique().numel()) / raw.codebook_size
+        logs["batch_codebook_usage"] = idx.unique().numel() / raw.codebook_size
     return logs
 
 

@@ -31,17 +31,8 @@ from train.anomaly.components import (  # noqa: E402
     tokenize,
 )
 from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
-from train.anomaly.loop import (  # noqa: E402
-    LoopSpec,
-    init_trackers,
-    make_accelerator,
-    make_dataloader,
-    make_lr_scheduler,
-    make_optimizer,
-    run_loop,
-    weight_dtype_of,
-)
-from utils.checkpoint import checkpoint_step, resolve_resume_path  # noqa: E402
+from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
+from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("stage1-full")
@@ -49,13 +40,15 @@ logger = get_logger("stage1-full")
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(stage1_parser(), argv)
-    accelerator = make_accelerator(args, "stage1-full")
+    cfg = core_config_from_args(args, "stage1-full")
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
     dataset = MVTecGoodDataset(
         args.instance_data_dir,
         args.mvtec_name,
         args.resolution,
         flip=args.flip,
+        resize_mode=args.resize_mode,
         max_pixels=args.max_image_pixels,
     )
     logger.info("%d train/good images of %s", len(dataset), args.mvtec_name)
@@ -93,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer([{"params": params, "lr": lr, "name": "lora"}], args)
-    lr_scheduler = make_lr_scheduler(optimizer, args, args.max_train_steps, accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        warmup_steps=args.lr_warmup_steps,
+        max_steps=args.max_train_steps,
+        num_processes=accelerator.num_processes,
+    )
 
     unet_type, te_type = type(unet), type(text_encoder)
 
@@ -129,23 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
-    start_step = 0
-    resume = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        start_step = checkpoint_step(resume)
-        logger.info("resumed from %s at step %d", resume, start_step)
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint in %s: starting fresh", args.output_dir)
-    init_trackers(accelerator, args, "stage1-full")
-    dataloader = make_dataloader(
-        dataset,
-        args,
-        accelerator.process_index,
-        accelerator.num_processes,
-        start_micro=start_step * args.gradient_accumulation_steps,
-    )
-
     input_ids = tokenize(comps.tokenizer, args.instance_prompt).to(device)
     fixed_ehs = None
     if not args.train_text_encoder:
@@ -162,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         ehs = fixed_ehs if fixed_ehs is not None else encode_prompt(text_encoder, input_ids)
         pred = unet(noisy, timesteps, encoder_hidden_states=ehs.expand(b, -1, -1), return_dict=False)[0]
         mse = F.mse_loss(pred.float(), target.float())
-        logs = {"loss_mse": mse.item()}
+        logs = {"loss_mse": mse.detach()}
         loss = mse
         if perceptual is not None:
             dino, dlogs = perceptual(
@@ -175,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 target_latents=latents,
             )
             loss = loss + args.dinov2_loss_weight * dino
-            logs["loss_dinov2"] = dino.item()
+            logs["loss_dinov2"] = dino.detach()
             logs.update(dlogs)
-        logs["loss"] = loss.item()
         return loss, logs
 
     def save_final():
@@ -207,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         for m in trainable:
             m.train()
 
-    spec = LoopSpec(
+    run_stage(
+        accelerator,
+        args,
+        cfg,
+        dataset=dataset,
         step_fn=step_fn,
-        train_modules=[unet] + ([text_encoder] if args.train_text_encoder else []),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         params=params,
+        train_modules=[unet] + ([text_encoder] if args.train_text_encoder else []),
         save_final=save_final,
         validate=validate,
     )
-    run_loop(accelerator, args, spec, optimizer, lr_scheduler, dataloader, start_step)
     return 0
 
 

@@ -8,10 +8,11 @@
         --rank 32 --train_text_encoder --use_dinov2_loss --dinov2_loss_weight 0.1 --dinov2_model_name vitb14 \
         --dinov2_loss_type l2 --dinov2_feature_layers 3 6 9 11
 
-Each sample is a pair sharing flips and timestep with independent noise: blend = the anomalous image with
-the blend prompt, fg = image x mask (black elsewhere) with the fg prompt. Starting from a stage-1
-checkpoint copies its LoRA into both branch sets (and its text-encoder LoRA); the interaction modules start
-at zero (identity), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
+Each sample is a pair sharing flips and timestep: blend = the anomalous image with the blend prompt, fg =
+image x mask (grey elsewhere, --fg_background) with the fg prompt; independent noise per branch (one noise
+for both with --dual_mode shared, the seed's stage 2). Starting from a stage-1 checkpoint copies its LoRA
+into both branch sets (and its text-encoder LoRA); the interaction modules start as the identity
+(--interaction_init zero), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
 dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
 load them with ``models.dual_lora.load_dual_unet``.
 """
@@ -45,17 +46,14 @@ from train.anomaly.components import (  # noqa: E402
     read_stage1_lora,
     tokenize,
 )
-from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
-from train.anomaly.loop import (  # noqa: E402
-    LoopSpec,
-    init_trackers,
-    make_accelerator,
-    make_dataloader,
-    make_lr_scheduler,
-    make_optimizer,
-    run_loop,
-    weight_dtype_of,
+from train.anomaly.diffusion import (  # noqa: E402
+    encode_images,
+    noisy_and_target,
+    sample_pair_noise,
+    sample_timesteps,
 )
+from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
+from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
 from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -115,7 +113,14 @@ def resolve_start(args) -> tuple[Path | None, Path | None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(stage2_parser(), argv)
     stage1_ckpt, stage2_ckpt = resolve_start(args)
-    accelerator = make_accelerator(args, "stage2-dual")
+    # the core resumes stage-2 checkpoints only; a stage-1 checkpoint initialises the LoRA (below)
+    cfg = core_config_from_args(
+        args,
+        "stage2-dual",
+        resume_from_checkpoint=str(stage2_ckpt) if stage2_ckpt is not None else None,
+        overwrite_output_dir=args.overwrite_output_dir or args.restart_from_stage1,
+    )
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
     dataset = MVTecAnomalyPairDataset(
         args.instance_data_dir,
@@ -124,16 +129,21 @@ def main(argv: list[str] | None = None) -> int:
         args.resolution,
         split_rule=args.split_rule,
         flip=args.flip,
+        resize_mode=args.resize_mode,
+        fg_background=args.fg_background,
         max_pixels=args.max_image_pixels,
         mask_size_mismatch=args.mask_size_mismatch,
     )
     logger.info(
-        "%s/%s: %d training pairs, %d held out (split rule %s)",
+        "%s/%s: %d training pairs, %d held out (split rule %s); flips %s, resize %s, fg background %s",
         args.mvtec_name,
         args.mvtec_anomaly_name,
         len(dataset),
         len(dataset.held_out),
         args.split_rule,
+        dataset.flip,
+        args.resize_mode,
+        args.fg_background,
     )
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (
@@ -148,25 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     start_step = stage_start = 0
     te_lora_state = None
     if stage2_ckpt is not None:
-        cfg = read_dual_config(stage2_ckpt)
+        dual_cfg = read_dual_config(stage2_ckpt)
         for key, flag in (
             ("dual_mode", args.dual_mode),
             ("rank", args.rank),
+            ("interaction_preset", args.interaction_preset),
             ("interaction_reduction", args.interaction_reduction),
         ):
-            if cfg[key] != flag:
+            if dual_cfg[key] != flag:
                 raise SystemExit(
-                    f"error: checkpoint {stage2_ckpt} was trained with {key}={cfg[key]!r}, "
+                    f"error: checkpoint {stage2_ckpt} was trained with {key}={dual_cfg[key]!r}, "
                     f"this run asks for {flag!r}"
                 )
-        stage_start = int(cfg.get("stage_start_step", 0))
-        te_lora = bool(cfg.get("text_encoder_lora"))
+        stage_start = int(dual_cfg.get("stage_start_step", 0))
+        te_lora = bool(dual_cfg.get("text_encoder_lora"))
         if args.train_text_encoder and not te_lora:
             raise SystemExit(f"error: {stage2_ckpt} has no text-encoder LoRA; drop --train_text_encoder")
     else:
         te_lora = args.train_text_encoder
     dual = DualLoRAUNet(
-        unet, rank=args.rank, dual_mode=args.dual_mode, interaction_reduction=args.interaction_reduction
+        unet,
+        rank=args.rank,
+        dual_mode=args.dual_mode,
+        interaction_reduction=args.interaction_reduction,
+        interaction_preset=args.interaction_preset,
+        interaction_init=args.interaction_init,
     )
     if stage1_ckpt is not None:
         unet_sd, te_lora_state = read_stage1_lora(stage1_ckpt)
@@ -247,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"params": te_params, "lr": lr, "name": "text_encoder_lora"})
     optimizer = make_optimizer(groups, args)
     lr_scheduler = make_lr_scheduler(
-        optimizer, args, args.max_train_steps - stage_start, accelerator.num_processes
+        args.lr_scheduler,
+        optimizer,
+        warmup_steps=args.lr_warmup_steps,
+        max_steps=args.max_train_steps - stage_start,
+        num_processes=accelerator.num_processes,
     )
 
     extra = {
@@ -257,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "instance_prompt_blend": args.instance_prompt_blend,
         "instance_prompt_fg": args.instance_prompt_fg,
         "resolution": args.resolution,
+        "fg_background": args.fg_background,
         "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
         "stage1_checkpoint": str(stage1_ckpt) if stage1_ckpt else None,
     }
@@ -286,19 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dual_p, optimizer, lr_scheduler = accelerator.prepare(dual, optimizer, lr_scheduler)
 
-    if stage2_ckpt is not None:
-        accelerator.load_state(str(stage2_ckpt))
-        start_step = checkpoint_step(stage2_ckpt)
-        logger.info("resumed stage-2 checkpoint %s at step %d", stage2_ckpt, start_step)
-    init_trackers(accelerator, args, "stage2-dual")
-    dataloader = make_dataloader(
-        dataset,
-        args,
-        accelerator.process_index,
-        accelerator.num_processes,
-        start_micro=(start_step - stage_start) * args.gradient_accumulation_steps,
-    )
-
     ids_blend = tokenize(comps.tokenizer, args.instance_prompt_blend).to(device)
     ids_fg = tokenize(comps.tokenizer, args.instance_prompt_fg).to(device)
     fixed = None
@@ -313,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         lat_b = encode_images(vae, pixels, gen)
         lat_f = encode_images(vae, fg_pixels, gen)
         t = sample_timesteps(b, noise_scheduler.config.num_train_timesteps, gen, device)  # shared by the pair
-        noisy_b, tgt_b = noisy_and_target(noise_scheduler, lat_b, sample_noise(lat_b, gen), t)
-        noisy_f, tgt_f = noisy_and_target(noise_scheduler, lat_f, sample_noise(lat_f, gen), t)  # own noise
+        noise_b, noise_f = sample_pair_noise(lat_b, lat_f, gen, shared=args.dual_mode == "shared")
+        noisy_b, tgt_b = noisy_and_target(noise_scheduler, lat_b, noise_b, t)
+        noisy_f, tgt_f = noisy_and_target(noise_scheduler, lat_f, noise_f, t)
         if fixed is not None:
             e_b, e_f = fixed
         else:
@@ -323,20 +332,19 @@ def main(argv: list[str] | None = None) -> int:
         mse_b = F.mse_loss(pred_b.float(), tgt_b.float())
         mse_f = F.mse_loss(pred_f.float(), tgt_f.float())
         loss = 0.5 * (mse_b + mse_f)  # = MSE over the concatenated [blend; fg] batch
-        logs = {"loss_mse": loss.item(), "loss_mse_blend": mse_b.item(), "loss_mse_fg": mse_f.item()}
+        logs = {"loss_mse": loss.detach(), "loss_mse_blend": mse_b.detach(), "loss_mse_fg": mse_f.detach()}
         idx, flips = batch["index"].tolist(), batch["flip"].tolist()
         if perceptual is not None:
             d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b)
             dino = d_b
-            logs["loss_dinov2_blend"] = d_b.item()
+            logs["loss_dinov2_blend"] = d_b.detach()
             logs.update({f"{k}_blend" if k.startswith("dinov2_layer") else k: v for k, v in dl.items()})
             if perceptual_fg is not None:
                 d_f, _ = perceptual_fg(pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f)
-                logs["loss_dinov2_fg"] = d_f.item()
+                logs["loss_dinov2_fg"] = d_f.detach()
                 dino = 0.5 * (d_b + d_f)
             loss = loss + args.dinov2_loss_weight * dino
-            logs["loss_dinov2"] = dino.item()
-        logs["loss"] = loss.item()
+            logs["loss_dinov2"] = dino.detach()
         return loss, logs
 
     def save_final():
@@ -365,14 +373,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         logger.info("validation samples: %s", path)
 
-    spec = LoopSpec(
+    run_stage(
+        accelerator,
+        args,
+        cfg,
+        dataset=dataset,
         step_fn=step_fn,
-        train_modules=[dual_p] + ([text_encoder] if args.train_text_encoder else []),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         params=params,
+        train_modules=[dual_p] + ([text_encoder] if args.train_text_encoder else []),
         save_final=save_final,
         validate=validate,
+        start_step=stage_start,
     )
-    run_loop(accelerator, args, spec, optimizer, lr_scheduler, dataloader, start_step)
     return 0
 
 

@@ -112,7 +112,8 @@ class TrainSection(ConfigSection):
     checkpointing_steps: NonNegativeInt = 5000  # 0: only the last step
     checkpoints_total_limit: PositiveInt | None = 5
     resume_from_checkpoint: str | None = "latest"  # latest | a checkpoint dir | null
-    max_consecutive_nonfinite: PositiveInt = 20
+    overwrite_output_dir: bool = False  # true: start fresh in a dir holding a run (its checkpoints deleted)
+    max_consecutive_nonfinite: PositiveInt = 20  # non-finite steps are skipped; stop after this many in a row
     stop_at_step: PositiveInt | None = None
     sample_every: NonNegativeInt = 5000  # 0 disables sample grids
     sample_classes: Annotated[list[NonNegativeInt], Field(min_length=1)] = [

@@ -1,0 +1,295 @@
+"""The one training loop: accumulation, non-finite guard, logging, checkpoints, resume.
+
+state <- resume (trainer_state.json + accelerate files) or fresh
+for each optimizer step:
+    micro-batches <- batches(start at step x accumulation)         (trainer's resumable stream)
+    logs <- step_fn(micro-batches, ctx)                             (forward + ctx.backward, per micro-batch)
+    guard: loss and gradient norms finite on every rank?            (one host sync per step)
+        yes: clip, optimizer.step, LR step, after_update (EMA)      no: skip, count, stop after K in a row
+    log every log_every steps (losses.jsonl, trackers, tqdm); checkpoint every checkpointing_steps
+    on_step_end(step)                                               (validation, sample grids, evaluation)
+save_final()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.core.checkpoint import LOSS_LOG_NAME, TrainerState, resume, save_checkpoint
+from train.core.config import CoreConfig
+from train.core.data import step_generator
+from utils.checkpoint import atomic_write
+from utils.logging import get_main_process_logger, progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient."""
+
+
+@dataclass
+class Optim:
+    """One optimizer of a trainer (DinoVQ has two: generator and discriminator)."""
+
+    name: str
+    optimizer: Any  # accelerate-prepared
+    lr_scheduler: Any  # accelerate-prepared
+    params: list[torch.nn.Parameter]
+    max_grad_norm: float = 0.0  # <= 0: no clipping (the norm is still computed for the guard)
+    active: Callable[[int], bool] | None = None  # step -> does this optimizer update at this step?
+
+    def is_active(self, step: int) -> bool:
+        return self.active is None or self.active(step)
+
+
+class StepContext:
+    """What a step function gets besides its micro-batches."""
+
+    def __init__(self, accelerator, modules: list[torch.nn.Module], step: int, num_micro: int, generator):
+        self.accelerator = accelerator
+        self.step = step  # steps completed before this one (0 for the first)
+        self.num_micro = num_micro
+        self.generator = generator  # this step's draws: depends only on (seed, step, rank)
+        self._modules = modules
+
+    @contextlib.contextmanager
+    def micro_step(self, index: int) -> Iterator[None]:
+        """Wrap the forward and backward of micro-batch ``index``: DDP all-reduces on the last one only."""
+        with contextlib.ExitStack() as stack:
+            if index < self.num_micro - 1:
+                for m in self._modules:
+                    stack.enter_context(self.accelerator.no_sync(m))
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss`` averaged over the step's micro-batches."""
+        self.accelerator.backward(loss / self.num_micro)
+
+
+@dataclass
+class Task:
+    """What a trainer plugs into :func:`run_training`."""
+
+    step_fn: Callable[[list[Any], StepContext], dict[str, torch.Tensor | float]]  # logs; must hold "loss"
+    batches: Callable[[int], Iterator[Any]]  # first micro-step -> endless batch iterator
+    optims: list[Optim]
+    train_modules: list[torch.nn.Module]  # prepared; put in train() mode, no_sync'ed while accumulating
+    rng_device: str = "cpu"  # where the per-step generator lives ("cpu" or "accelerator")
+    state_extra: Callable[[], dict[str, Any]] | None = None  # JSON-able trainer state (EMA counters ...)
+    load_state_extra: Callable[[dict[str, Any], Path], None] | None = None  # on resume: (extra, checkpoint)
+    after_update: Callable[[int], None] | None = None  # after each applied optimizer step (EMA)
+    on_step_end: Callable[[int], None] | None = None  # every step, all ranks (validation, grids, eval)
+    save_final: Callable[[], None] | None = None  # main process, once max_steps is reached
+    tracker_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _log_line_filter(path: Path, keep_up_to: int) -> None:
+    """Keep the ``losses.jsonl`` lines of steps <= ``keep_up_to`` (a resumed run rewrites what follows)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= keep_up_to
+    ]
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars/strings."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_config(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+class _Guard:
+    """Skip non-finite steps, count them, stop after ``limit`` in a row (every rank decides the same)."""
+
+    def __init__(self, accelerator, cfg: CoreConfig, state: TrainerState, logger):
+        self.accelerator, self.state, self.logger = accelerator, state, logger
+        self.limit = cfg.max_consecutive_nonfinite
+        self.consecutive = 0
+        # Under fp16 the GradScaler skips overflowing steps itself (and must see them to lower its scale).
+        self.check_grads = accelerator.mixed_precision != "fp16"
+
+    def step_is_finite(self, loss: torch.Tensor, grad_norms: list[torch.Tensor]) -> bool:
+        checks = [loss.detach().float().reshape(())]
+        if self.check_grads:
+            checks += [g.detach().float().reshape(()).to(loss.device) for g in grad_norms]
+        bad = (~torch.isfinite(torch.stack(checks))).any().float()
+        return float(self.accelerator.reduce(bad, reduction="sum")) == 0  # the one host sync per step
+
+    def record(self, ok: bool, step: int, loss: torch.Tensor) -> None:
+        """Count a skipped step; ``should_stop`` tells the loop to end after logging it."""
+        if ok:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.state.skipped_steps += 1
+        self.logger.warning(
+            f"step {step}: non-finite loss or gradient (loss={float(loss):.4g}); update skipped "
+            f"({self.consecutive}/{self.limit} in a row, {self.state.skipped_steps} in total)"
+        )
+
+    @property
+    def should_stop(self) -> bool:
+        return self.consecutive >= self.limit
+
+    def stop(self, step: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{self.consecutive} consecutive non-finite steps (last at step {step}); stopping without saving "
+            "this step. The last checkpoint holds finite weights. Check the data for NaN, lower the learning "
+            "rate, or train with mixed_precision=no to debug."
+        )
+
+
+def _apply_update(accelerator, task: Task, guard: _Guard, logs: dict[str, Any], step: int) -> bool:
+    active = [o for o in task.optims if o.is_active(step)]
+    norms = [
+        accelerator.clip_grad_norm_(o.params, o.max_grad_norm if o.max_grad_norm > 0 else math.inf)
+        for o in active
+    ]
+    loss = torch.as_tensor(logs["loss"], device=accelerator.device)
+    ok = guard.step_is_finite(loss, norms)
+    if ok:
+        for o in active:
+            o.optimizer.step()
+            o.lr_scheduler.step()
+        if norms:
+            logs["grad_norm"] = norms[0]
+    for o in task.optims:
+        o.optimizer.zero_grad(set_to_none=True)
+    guard.record(ok, step + 1, loss)
+    return ok
+
+
+class _Logs:
+    """Step logs kept as tensors and reduced across processes at log steps only (no per-step host sync)."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator, self.path = accelerator, path
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.t0, self.step0 = time.perf_counter(), None
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            t = torch.as_tensor(v, device=self.accelerator.device).detach().float().reshape(())
+            if not torch.is_tensor(v) and not math.isfinite(float(v)):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + t
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def flush(self, step: int, extra: dict[str, float]) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] / self.counts[k] for k in keys]) if keys else torch.zeros(0)
+        values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean").tolist()
+        out = {k: float(v) for k, v in zip(keys, values, strict=True)}
+        now = time.perf_counter()
+        if self.step0 is not None:
+            out["steps_per_s"] = (step - self.step0) / max(now - self.t0, 1e-9)
+        out.update(extra)
+        self.sums, self.counts, self.t0, self.step0 = {}, {}, now, step
+        self.accelerator.log(out, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **out}) + "\n")
+        return out
+
+
+def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) -> dict[str, float]:
+    """Optimise until ``cfg.max_steps`` (or ``cfg.stop_at_step``); returns the last logged values.
+
+    ``start_step``: the step a fresh (not resumed) run counts from (stage 2 continues stage 1's count).
+    """
+    logger = get_main_process_logger("train.core")
+    out_dir = Path(cfg.output_dir)
+    state, resumed_from = resume(accelerator, out_dir, cfg.resume_from_checkpoint)
+    if resumed_from is None:
+        state.step = start_step
+    if resumed_from is not None and task.load_state_extra is not None:
+        task.load_state_extra(state.extra, resumed_from)
+    if accelerator.is_main_process:
+        _log_line_filter(out_dir / LOSS_LOG_NAME, state.step)
+    accelerator.wait_for_everyone()
+    if cfg.report_to:
+        accelerator.init_trackers(cfg.project_name, config=_flat_config(task.tracker_config))
+    stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    bar = progress(
+        total=cfg.max_steps,
+        initial=state.step,
+        desc=cfg.project_name,
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    if state.step >= stop:
+        logger.info(f"nothing to do: already at step {state.step} >= {stop}")
+    try:
+        last = _optimise(accelerator, cfg, task, state, _Guard(accelerator, cfg, state, logger), bar, stop)
+    except NonFiniteLossError:
+        accelerator.end_training()  # flush the trackers; every rank raises the same error
+        raise
+    finally:
+        bar.close()
+    if state.step >= cfg.max_steps and task.save_final is not None and accelerator.is_main_process:
+        task.save_final()
+    elif state.step < cfg.max_steps:
+        logger.info(f"stopped at step {state.step}; continue with --resume_from_checkpoint latest")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return last
+
+
+def _optimise(accelerator, cfg: CoreConfig, task: Task, state: TrainerState, guard, bar, stop: int):
+    out_dir = Path(cfg.output_dir)
+    accum = cfg.gradient_accumulation_steps
+    device = accelerator.device if task.rng_device == "accelerator" else torch.device("cpu")
+    params = [p for o in task.optims for p in o.params]
+    logs_acc = _Logs(accelerator, out_dir / LOSS_LOG_NAME)
+    last: dict[str, float] = {}
+    data = task.batches(state.step * accum)
+    for m in task.train_modules:
+        m.train()
+    while state.step < stop:
+        micro = [next(data) for _ in range(accum)]
+        gen = step_generator(cfg.seed, state.step, accelerator.process_index, device)
+        ctx = StepContext(accelerator, task.train_modules, state.step, accum, gen)
+        logs = dict(task.step_fn(micro, ctx))
+        if _apply_update(accelerator, task, guard, logs, state.step) and task.after_update is not None:
+            task.after_update(state.step + 1)
+        state.step += 1
+        bar.update(1)
+        logs_acc.add(logs)
+        if state.step % cfg.log_every == 0 or state.step == stop:
+            extra = {"lr": task.optims[0].lr_scheduler.get_last_lr()[0], "skipped_steps": state.skipped_steps}
+            extra.update({f"lr_{o.name}": o.lr_scheduler.get_last_lr()[0] for o in task.optims[1:]})
+            last = logs_acc.flush(state.step, extra)
+            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+        if guard.should_stop:
+            if state.step % cfg.log_every:  # the failing step's line, for the record
+                logs_acc.flush(state.step, {"skipped_steps": state.skipped_steps})
+            raise guard.stop(state.step)
+        every = cfg.checkpointing_steps
+        if (every and state.step % every == 0) or state.step == stop:
+            if task.state_extra is not None:
+                state.extra = task.state_extra()
+            save_checkpoint(accelerator, out_dir, state, params, cfg.checkpoints_total_limit)
+        if task.on_step_end is not None:
+            task.on_step_end(state.step)
+            for m in task.train_modules:
+                m.train()
+    return last
