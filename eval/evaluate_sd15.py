@@ -204,7 +204,6 @@ def alignment_features(lm: LoadedModel, args) -> tuple[Any, Any]:
     """Raw mid features on the DINO grid and the DINO tokens of --align_num cached images, [M, C] each."""
     from datasets.sd15_aligned import SD15AlignedDataset
     from eval.alignment import features_to_tokens
-    from losses.urepa import add_noise
     from models.sd15_unet_aligned import capture_features
 
     ds = SD15AlignedDataset(
@@ -225,13 +224,13 @@ def alignment_features(lm: LoadedModel, args) -> tuple[Any, Any]:
     grid_side = int(round(dino.shape[1] ** 0.5))
     from diffusers import DDPMScheduler
 
-    ac = DDPMScheduler.from_config(lm.scheduler.config).alphas_cumprod
+    scheduler = DDPMScheduler.from_config(lm.scheduler.config)
     x0 = batch["latent"].to(args.device)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     t = torch.full((n,), args.align_timestep, dtype=torch.long, device=args.device)
     with capture_features(lm.model.unet, ["mid"]) as feats:
         lm.model.unet(
-            add_noise(x0, noise, ac, t),
+            scheduler.add_noise(x0.float(), noise, t),
             t,
             encoder_hidden_states=batch["encoder_hidden_states"].to(args.device),
         )

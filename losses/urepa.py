@@ -1,7 +1,8 @@
 """U-REPA loss for SD-1.5: ``L = L_diff + lambda * mean_layers(L_token + w * L_manifold)``.
 
 - ``L_diff``: MSE to the v target (default, ``v = alpha_t * eps - sigma_t * x0``) or to eps, with
-  ``alpha_t = sqrt(alphabar_t)``, ``sigma_t = sqrt(1 - alphabar_t)`` of the DDPM schedule.
+  ``alpha_t = sqrt(alphabar_t)``, ``sigma_t = sqrt(1 - alphabar_t)``; x_t and the target come from the
+  diffusers noise scheduler (``losses/diffusion_target.py``, shared with the anomaly trainers).
 - ``L_token``: mean over batch and tokens of ``1 - cos(u, d)`` between U-Net head tokens and DINO tokens.
 - ``L_manifold``: MSE between the B x B cosine Gram matrices of the per-sample mean tokens (U-REPA's
   sample-sample manifold loss; O(B^2) instead of O(B N^2)).
@@ -17,15 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses.cosine_token_loss import cosine_token_loss
+from losses.diffusion_target import noisy_and_target, prediction_type_name
+
 PREDICTION_TYPES = ("v", "epsilon")
 
 
-def token_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and tokens of 1 - cosine similarity; x, y: [B, N, D]."""
-    if x.shape != y.shape:
-        raise ValueError(f"token_loss: U-Net tokens {tuple(x.shape)} vs DINO tokens {tuple(y.shape)}")
-    cos = F.cosine_similarity(x.float(), y.float(), dim=-1, eps=1e-8)
-    return (1.0 - cos).mean()
+token_loss = cosine_token_loss  # L_token: mean over batch and tokens of 1 - cos(u, d)
 
 
 def gram_of_mean_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -50,34 +49,6 @@ def manifold_loss(x: torch.Tensor, y: torch.Tensor, upper_only: bool = False) ->
         iu = torch.triu_indices(b, b, offset=1, device=gx.device)
         return F.mse_loss(gx[iu[0], iu[1]], gy[iu[0], iu[1]])
     return F.mse_loss(gx, gy)
-
-
-def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coef.view(-1, *([1] * (like.ndim - 1)))
-
-
-def add_noise(
-    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """x_t = alpha_t x0 + sigma_t eps (computed in fp32)."""
-    ac = alphas_cumprod.to(x0.device, torch.float32)[timesteps]
-    return _expand(ac.sqrt(), x0) * x0.float() + _expand((1 - ac).sqrt(), x0) * noise.float()
-
-
-def diffusion_target(
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    timesteps: torch.Tensor,
-    prediction: str = "v",
-) -> torch.Tensor:
-    """The regression target: eps, or v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022)."""
-    if prediction == "epsilon":
-        return noise.float()
-    if prediction != "v":
-        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
-    ac = alphas_cumprod.to(x0.device, torch.float32)[timesteps]
-    return _expand(ac.sqrt(), x0) * noise.float() - _expand((1 - ac).sqrt(), x0) * x0.float()
 
 
 def alignment_loss(
@@ -117,7 +88,7 @@ class URepaLoss(nn.Module):
 
     def __init__(
         self,
-        alphas_cumprod: torch.Tensor,
+        noise_scheduler: Any,
         prediction: str = "v",
         align_coeff: float = 0.8,
         manifold_coeff: float = 3.0,
@@ -130,7 +101,7 @@ class URepaLoss(nn.Module):
             raise ValueError(
                 f"align_coeff ({align_coeff}) and manifold_coeff ({manifold_coeff}) must be >= 0"
             )
-        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
+        self.noise_scheduler = noise_scheduler  # diffusers DDPMScheduler (its alphas_cumprod)
         self.prediction = prediction
         self.align_coeff = float(align_coeff)
         self.manifold_coeff = float(manifold_coeff)
@@ -138,7 +109,7 @@ class URepaLoss(nn.Module):
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        return int(self.noise_scheduler.config.num_train_timesteps)
 
     def forward(
         self,
@@ -157,10 +128,15 @@ class URepaLoss(nn.Module):
             timesteps = torch.randint(
                 0, self.num_train_timesteps, (b,), generator=generator, device=latents.device
             )
-        x_t = add_noise(latents, noise, self.alphas_cumprod, timesteps).to(latents.dtype)
+        x_t, target = noisy_and_target(
+            self.noise_scheduler,
+            latents.float(),
+            noise.float(),
+            timesteps,
+            prediction_type_name(self.prediction),
+        )
         use_align = self.align_coeff > 0
-        pred, tokens = model(x_t, timesteps, encoder_hidden_states, return_tokens=use_align)
-        target = diffusion_target(latents, noise, self.alphas_cumprod, timesteps, self.prediction)
+        pred, tokens = model(x_t.to(latents.dtype), timesteps, encoder_hidden_states, return_tokens=use_align)
         loss_diff = F.mse_loss(pred.float(), target)
         if use_align:
             terms = alignment_loss(tokens, dino_tokens, self.manifold_coeff, self.manifold_upper_only)

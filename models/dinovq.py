@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
+from losses.cosine_token_loss import cosine_token_loss
 from losses.patchgan import calculate_adaptive_weight
 from models.dinovq_loss import DinoVQLoss
 from models.vit_blocks import TokenTransformer, init_vit_weights, unpatchify
@@ -199,8 +200,7 @@ class DinoVQModel(nn.Module):
             raise ValueError(f"batch mismatch: images {pred.shape[0]} vs dino_features_gt {target.shape[0]}")
         if target.shape[1] != pred.shape[1]:
             pred = self._resize_tokens(pred, target.shape[1])
-        cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
-        return (1.0 - cos).mean()
+        return cosine_token_loss(pred, target)
 
     def _resize_tokens(self, pred: torch.Tensor, n_target: int) -> torch.Tensor:
         h, w = self.grid

@@ -85,7 +85,9 @@ def main() -> None:
                 q.data = q.data.to(torch.bfloat16)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ac = torch.linspace(0.9991, 0.0047, 1000)
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD-1.5's
     losses = {
         0.8: URepaLoss(ac, align_coeff=0.8, manifold_coeff=3.0).to(device),
         0.0: URepaLoss(ac, align_coeff=0.0).to(device),

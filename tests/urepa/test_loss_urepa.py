@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
-from losses.urepa import URepaLoss, add_noise, alignment_loss, diffusion_target, manifold_loss, token_loss
+from losses.diffusion_target import noisy_and_target
+from losses.urepa import URepaLoss, alignment_loss, manifold_loss, token_loss
 
 
 def test_token_loss_hand_computed():
@@ -45,12 +47,20 @@ def test_alignment_loss_averages_layers():
         alignment_loss({"dec_first": a}, {"mid": b})
 
 
+def _scheduler_with(alphas_cumprod: list[float]) -> DDPMScheduler:
+    """A DDPM schedule whose cumulative products are exactly ``alphas_cumprod``."""
+    ac = torch.tensor(alphas_cumprod, dtype=torch.float64)
+    betas = 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    return DDPMScheduler(num_train_timesteps=len(alphas_cumprod), trained_betas=betas.tolist())
+
+
 def test_v_and_epsilon_targets_closed_form():
-    ac = torch.tensor([0.9, 0.5, 0.1])
+    """x_t and the v / eps targets of the shared scheduler-based function against the closed form."""
+    sched = _scheduler_with([0.9, 0.5, 0.1])
     x0 = torch.tensor([[2.0], [2.0], [2.0]])
     eps = torch.tensor([[1.0], [1.0], [1.0]])
     t = torch.tensor([0, 1, 2])
-    v = diffusion_target(x0, eps, ac, t, "v")
+    xt, v = noisy_and_target(sched, x0, eps, t, "v")
     expected = torch.tensor(
         [
             [math.sqrt(0.9) - 2 * math.sqrt(0.1)],
@@ -59,14 +69,22 @@ def test_v_and_epsilon_targets_closed_form():
         ]
     )
     torch.testing.assert_close(v, expected)
-    torch.testing.assert_close(diffusion_target(x0, eps, ac, t, "epsilon"), eps)
-    xt = add_noise(x0, eps, ac, t)
+    expected_xt = torch.tensor(
+        [[2 * math.sqrt(0.9) + math.sqrt(0.1)], [3 * math.sqrt(0.5)], [2 * math.sqrt(0.1) + math.sqrt(0.9)]]
+    )
+    torch.testing.assert_close(xt, expected_xt)
+    xt_eps, target = noisy_and_target(sched, x0, eps, t, "epsilon")
+    torch.testing.assert_close(target, eps)
+    torch.testing.assert_close(xt_eps, xt)
     # x0 = alpha x_t - sigma v and eps = sigma x_t + alpha v on the unit circle alpha^2 + sigma^2 = 1
-    alpha, sigma = ac.sqrt()[:, None], (1 - ac).sqrt()[:, None]
+    alpha, sigma = (
+        torch.tensor([0.9, 0.5, 0.1]).sqrt()[:, None],
+        torch.tensor([0.1, 0.5, 0.9]).sqrt()[:, None],
+    )
     torch.testing.assert_close(alpha * xt - sigma * v, x0)
     torch.testing.assert_close(sigma * xt + alpha * v, eps)
     with pytest.raises(ValueError):
-        diffusion_target(x0, eps, ac, t, "sample")
+        noisy_and_target(sched, x0, eps, t, "sample")
 
 
 def test_combined_loss_matches_terms():
@@ -76,13 +94,15 @@ def test_combined_loss_matches_terms():
             return x * 0.5, tokens
 
     ac = torch.linspace(0.99, 0.01, 1000)
+    sched = _scheduler_with(ac.tolist())
     x = torch.randn(3, 4, 2, 2)
     noise, t = torch.randn_like(x), torch.tensor([5, 500, 995])
     dino = {"mid": torch.randn(3, 4, 2)}
-    out = URepaLoss(ac, prediction="epsilon", align_coeff=0.8, manifold_coeff=3.0)(
+    out = URepaLoss(sched, prediction="epsilon", align_coeff=0.8, manifold_coeff=3.0)(
         Toy(), x, dino, None, noise, t
     )
-    xt = add_noise(x, noise, ac, t)
+    a = ac[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x + (1 - a).sqrt() * noise  # closed form, independent of the code under test
     diff = ((xt * 0.5 - noise) ** 2).mean()
     tokens = xt.flatten(2).transpose(1, 2)[:, :, :2]
     align = token_loss(tokens, dino["mid"]) + 3.0 * manifold_loss(tokens, dino["mid"])

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from losses.diffusion_target import noisy_and_target
+
+__all__ = ["encode_images", "noisy_and_target", "sample_noise", "sample_timesteps"]
+
 
 @torch.no_grad()
 def encode_images(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -25,18 +29,3 @@ def sample_timesteps(
 
 def sample_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
-
-
-def noisy_and_target(
-    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, regression target) for the scheduler's prediction type (epsilon or v_prediction)."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
-    return noisy, target

@@ -98,6 +98,12 @@ def check_safe_to_load(ckpt: Path, process_index: int) -> None:
     """
     from accelerate.utils import load
 
+    custom = sorted(ckpt.glob("custom_checkpoint_*.pkl"))
+    if custom:  # accelerate would unpickle these with weights_only=False
+        raise RuntimeError(
+            f"{custom[0]} is a pickled custom state, which this repo never writes (trainer state is JSON); it "
+            "was not loaded. Delete it if the checkpoint is yours, otherwise do not use this checkpoint."
+        )
     for name in (f"random_states_{process_index}.pkl",):
         f = ckpt / name
         if f.is_file():

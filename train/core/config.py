@@ -20,7 +20,7 @@ class CoreConfig:
     seed: int = 0
     mixed_precision: str | None = "no"  # None: the accelerate config's choice
     gradient_accumulation_steps: int = 1
-    checkpointing_steps: int = 500
+    checkpointing_steps: int = 500  # 0: only the last step (and stop_at_step) is saved
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
@@ -51,7 +51,8 @@ class CoreConfig:
             f"gradient_accumulation_steps must be an integer >= 1, got {self.gradient_accumulation_steps!r}",
         )
         need(
-            self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}"
+            self.checkpointing_steps >= 0,
+            f"checkpointing_steps must be >= 0 (0: only the last step), got {self.checkpointing_steps}",
         )
         need(
             self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,

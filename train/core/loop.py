@@ -134,6 +134,7 @@ class _Guard:
         return float(self.accelerator.reduce(bad, reduction="sum")) == 0  # the one host sync per step
 
     def record(self, ok: bool, step: int, loss: torch.Tensor) -> None:
+        """Count a skipped step; ``should_stop`` tells the loop to end after logging it."""
         if ok:
             self.consecutive = 0
             return
@@ -143,12 +144,17 @@ class _Guard:
             f"step {step}: non-finite loss or gradient (loss={float(loss):.4g}); update skipped "
             f"({self.consecutive}/{self.limit} in a row, {self.state.skipped_steps} in total)"
         )
-        if self.consecutive >= self.limit:
-            raise NonFiniteLossError(
-                f"{self.consecutive} consecutive non-finite steps (last at step {step}); stopping. The last "
-                "checkpoint holds finite weights. Check the data for NaN, lower the learning rate, or train "
-                "with mixed_precision=no to debug."
-            )
+
+    @property
+    def should_stop(self) -> bool:
+        return self.consecutive >= self.limit
+
+    def stop(self, step: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{self.consecutive} consecutive non-finite steps (last at step {step}); stopping without saving "
+            "this step. The last checkpoint holds finite weights. Check the data for NaN, lower the learning "
+            "rate, or train with mixed_precision=no to debug."
+        )
 
 
 def _apply_update(accelerator, task: Task, guard: _Guard, logs: dict[str, Any], step: int) -> bool:
@@ -273,7 +279,12 @@ def _optimise(accelerator, cfg: CoreConfig, task: Task, state: TrainerState, gua
             extra.update({f"lr_{o.name}": o.lr_scheduler.get_last_lr()[0] for o in task.optims[1:]})
             last = logs_acc.flush(state.step, extra)
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
-        if state.step % cfg.checkpointing_steps == 0 or state.step == stop:
+        if guard.should_stop:
+            if state.step % cfg.log_every:  # the failing step's line, for the record
+                logs_acc.flush(state.step, {"skipped_steps": state.skipped_steps})
+            raise guard.stop(state.step)
+        every = cfg.checkpointing_steps
+        if (every and state.step % every == 0) or state.step == stop:
             if task.state_extra is not None:
                 state.extra = task.state_extra()
             save_checkpoint(accelerator, out_dir, state, params, cfg.checkpoints_total_limit)

@@ -6,7 +6,8 @@
         pytorch_lora_weights.safetensors    live LoRA, diffusers format (pipe.load_lora_weights)
         ema_lora/pytorch_lora_weights.safetensors   EMA LoRA, diffusers format
         urepa_config.yaml                   the resolved training config
-        optimizer.bin, scheduler.bin, random_states_*.pkl, custom_checkpoint_*.pkl   (accelerate)
+        trainer_state.json                  step, skipped steps, EMA update count (training core)
+        optimizer.bin, scheduler.bin, sampler.bin, random_states_*.pkl   (accelerate, read weights_only=True)
 
 The frozen 860M U-Net is never written: the save hook pops it from accelerate's list.
 """
@@ -68,18 +69,3 @@ def load_checkpoint_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {ckpt_dir} a train_sd15.py checkpoint directory?")
     return yaml_load(path.read_text())
-
-
-class TrainState:
-    """Counters that must survive a resume (registered with ``accelerator.register_for_checkpointing``)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.skipped_steps = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "skipped_steps": self.skipped_steps}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,0 +1,152 @@
+"""Every trainer on the shared training core (train/core/), on the tiny offline assets:
+
+* two fresh runs with the same seed give bit-identical weights, and ``checkpoints_total_limit 1`` keeps one;
+* a crafted pickle in a checkpoint is never executed on resume;
+* non-finite gradients are skipped, counted, and stop the run after K in a row; the checkpoint stays finite;
+* ``accelerate launch --multi_gpu --num_processes 2`` on CPU: one process group, each step logged once, the LR
+  at every step equal to the 1-process schedule, and a checkpoint that a 1-process run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.core.trainers import REPO, TRAINERS
+
+NAMES = sorted(TRAINERS)
+STEPS = 3
+
+
+def run(name: str, tiny, out: Path, steps: int = STEPS, resume: str | None = None, extra=()):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    t = TRAINERS[name]
+    return t.main()(t.argv(tiny, out, steps, resume, extra))
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, name: str, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / f"checkpoint-{step}" / TRAINERS[name].weights_file))
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def first_run(request, tiny_assets, tmp_path_factory):
+    """One fresh run per trainer, shared by the tests below."""
+    out = tmp_path_factory.mktemp(request.param) / "a"
+    run(request.param, tiny_assets, out)
+    return request.param, out
+
+
+def test_fresh_runs_are_identical_and_limit_one_keeps_one(first_run, tiny_assets, tmp_path):
+    name, a = first_run
+    b = tmp_path / "b"
+    run(name, tiny_assets, b)
+    for out in (a, b):  # checkpointing every step with checkpoints_total_limit 1
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]
+        assert not list(out.glob(".checkpoint-*"))  # no partial folder left behind
+    wa, wb = weights(a, name, STEPS), weights(b, name, STEPS)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    rows = log_rows(a)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert not list((a / f"checkpoint-{STEPS}").glob("custom_checkpoint_*.pkl"))  # state is JSON
+    assert json.loads((a / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["step"] == STEPS
+
+
+class _Payload:
+    """Unpickling this object creates a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_crafted_pickles_are_not_executed_on_resume(first_run, tiny_assets, tmp_path):
+    name, a = first_run
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(a, out)
+    ckpt = out / f"checkpoint-{STEPS}"
+    marker = tmp_path / "pwned"
+    crafted = ckpt / "custom_checkpoint_0.pkl"  # what accelerate would unpickle with weights_only=False
+    crafted.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(RuntimeError, match="custom_checkpoint_0.pkl is a pickled custom state"):
+        run(name, tiny_assets, out, steps=STEPS + 1, resume="latest")
+    assert not marker.exists()
+    crafted.unlink()
+    run(name, tiny_assets, out, steps=STEPS + 1, resume="latest")  # resumes and trains one more step
+    assert [r["step"] for r in log_rows(out)] == list(range(1, STEPS + 2))  # resumed lines not duplicated
+    # accelerate's own RNG file is read with weights_only=True; a crafted one is refused with a clear error
+    ckpt = out / f"checkpoint-{STEPS + 1}"
+    torch.save(_Payload(str(marker)), ckpt / "random_states_0.pkl")
+    with pytest.raises(RuntimeError, match="random_states_0.pkl is not a plain-data"):
+        run(name, tiny_assets, out, steps=STEPS + 2, resume="latest")
+    assert not marker.exists()
+
+
+def test_nonfinite_steps_are_skipped_then_stop(first_run, tiny_assets, tmp_path, monkeypatch):
+    from train.core import NonFiniteLossError, StepContext
+
+    name, _ = first_run
+    original = StepContext.backward
+
+    def nan_from_step_2(self, loss):  # gradients become NaN from the third step on
+        original(self, loss * float("nan") if self.step >= 2 else loss)
+
+    monkeypatch.setattr(StepContext, "backward", nan_from_step_2)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite"):
+        run(name, tiny_assets, out, steps=6)
+    rows = log_rows(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2]
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert [p.name for p in ckpts] == ["checkpoint-3"]  # a skipped step is saved; the aborting one is not
+    assert all(torch.isfinite(v).all() for v in weights(out, name, 3).values())
+    assert json.loads((ckpts[0] / "trainer_state.json").read_text())["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_processes_on_cpu(name, tiny_assets, tmp_path):
+    out = tmp_path / "ddp"
+    t = TRAINERS[name]
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / t.script), *t.argv(tiny_assets, out, STEPS, None, ()),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one writer: each step once
+    ckpt = out / f"checkpoint-{STEPS}"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert all(torch.isfinite(v).all() for v in weights(out, name, STEPS).values())
+    # the LR at each step is the 1-process schedule's (cosine with warm-up), not advanced twice as fast
+    single = tmp_path / "single"
+    run(name, tiny_assets, single)
+    lr1 = [r["lr"] for r in log_rows(single)]
+    assert [r["lr"] for r in rows] == pytest.approx(lr1, rel=1e-9)
+    assert lr1[-1] > 0 and not math.isclose(lr1[0], lr1[-1])
+    # a 1-process run resumes the 2-process checkpoint
+    run(name, tiny_assets, out, steps=STEPS + 1, resume="latest")
+    assert [r["step"] for r in log_rows(out)] == list(range(1, STEPS + 2))
