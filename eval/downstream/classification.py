@@ -31,6 +31,7 @@ from eval.downstream.data import (  # noqa: E402
     GeneratedClassificationDataset,
     find_generated_pairs,
     held_out_images,
+    load_image_uint8,
     resolve_defects,
 )
 from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, write_csv, write_json  # noqa: E402
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     if args.resolution < 32:
         parser.error(f"--resolution must be >= 32, got {args.resolution}")
+    if args.eval_batch_size < 1:
+        parser.error(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
     if args.max_images_per_defect < 1:
         parser.error(f"--max_images_per_defect must be >= 1, got {args.max_images_per_defect}")
     return args
@@ -148,21 +151,24 @@ def test_set(args: argparse.Namespace, defects: list[str]) -> list[tuple[Path, i
     return items
 
 
-@torch.no_grad()
-def predict(model, items: list[tuple[Path, int]], args, device) -> np.ndarray:
-    from datasets.mvtec import _load_image
+def load_test_images(items: list[tuple[Path, int]], resolution: int) -> torch.Tensor:
+    return torch.stack([load_image_uint8(p, resolution) for p, _ in items])
 
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, batch_size: int, device) -> np.ndarray:
+    """uint8 ``[N,3,R,R]`` -> predicted type indices ``[N]``."""
     model.eval()
     preds = []
-    for i in range(0, len(items), args.eval_batch_size):
-        x = torch.stack([_load_image(p, args.resolution) for p, _ in items[i : i + args.eval_batch_size]])
-        preds.append(model(x.to(device).float() / 255.0).argmax(1).cpu())
+    for i in range(0, len(images), batch_size):
+        preds.append(model(images[i : i + batch_size].to(device).float() / 255.0).argmax(1).cpu())
     return torch.cat(preds).numpy()
 
 
-def evaluate(model, args, defects, items, device, extra: dict[str, Any]) -> dict[str, Any]:
+def evaluate(model, args, defects, items, images, device, extra: dict[str, Any]) -> dict[str, Any]:
+    """Top-1 accuracy (class and per type), confusion matrix, and the output files."""
     labels = np.array([k for _, k in items])
-    preds = predict(model, items, args, device)
+    preds = predict(model, images, args.eval_batch_size, device)
     k = len(defects)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, preds), 1)
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"classification needs at least 2 defect types, got {defects} (class {args.class_name!r})"
         )
     items = test_set(args, defects)
+    images = load_test_images(items, args.resolution)  # decoded now: a bad file fails before training
     pairs = find_generated_pairs(
         args.generated_root, args.class_name, defects, args.max_images_per_defect, need_masks=False
     )
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra["warning"] = (
             "ResNet-34 trained from random initialisation (no ImageNet weights): not comparable"
         )
-    return evaluate(model, args, defects, items, accelerator.device, extra)
+    return evaluate(model, args, defects, items, images, accelerator.device, extra)
 
 
 if __name__ == "__main__":

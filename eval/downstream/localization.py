@@ -40,7 +40,13 @@ from eval.downstream.data import (  # noqa: E402
     resolve_defects,
     texture_images,
 )
-from eval.downstream.metrics import AU_PRO_LIMIT, IMAGE_SCORE_KERNEL, METRIC_NAMES, localization_metrics  # noqa: E402
+from eval.downstream.metrics import (  # noqa: E402
+    AU_PRO_LIMIT,
+    IMAGE_SCORE_KERNEL,
+    METRIC_NAMES,
+    image_scores_from_maps,
+    localization_metrics,
+)
 from eval.downstream.report import METRICS_CSV, METRICS_JSON, localization_figure, write_csv, write_json  # noqa: E402
 from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
 from losses.focal import focal_loss  # noqa: E402
@@ -148,8 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--image_score_kernel must be odd and >= 1, got {args.image_score_kernel}")
     if not 0.0 <= args.f1_grid_step < 1.0:
         parser.error(f"--f1_grid_step must be in [0, 1), got {args.f1_grid_step}")
-    if args.source == "perlin" and args.generated_root != "generate_data":
-        logger.info("--source perlin: --generated_root is not used")
+    if not 0.0 < args.au_pro_limit <= 1.0:
+        parser.error(f"--au_pro_limit must be in (0, 1], got {args.au_pro_limit}")
+    if args.eval_batch_size < 1 or args.num_figure_images < 0:
+        parser.error("--eval_batch_size must be >= 1 and --num_figure_images >= 0")
     return args
 
 
@@ -200,9 +208,15 @@ def _figure_rows(items: list[TestItem], n: int) -> list[int]:
 
 
 def evaluate(
-    model: torch.nn.Module, args: argparse.Namespace, items: list[TestItem], device, extra: dict[str, Any]
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    items: list[TestItem],
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    device,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
-    images, masks = load_test_set(items, args.resolution)
+    """Anomaly maps of the test images, the metrics per class and per defect type, and the output files."""
+    images, masks = test_set
     maps = predict_maps(model, images, args.eval_batch_size, device)
 
     def metrics_of(index: list[int]) -> dict[str, float]:
@@ -248,8 +262,6 @@ def evaluate(
         [[scope, *(f"{m[k]:.6f}" for k in METRIC_NAMES)] for scope, m in results.items()],
     )
     rows = _figure_rows(items, args.num_figure_images)
-    from eval.downstream.metrics import image_scores_from_maps
-
     scores = image_scores_from_maps(maps[rows], args.image_score_kernel)
     title = f"{args.class_name}: U-Net trained on {args.source} anomalies"
     localization_figure(
@@ -281,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Every data check runs before any training, so a bad folder fails in seconds.
     defects = resolve_defects(args.mvtec_root, args.class_name, args.defects)
     items = held_out_test_set(args.mvtec_root, args.class_name, defects, args.split_rule)
+    test_set = load_test_set(items, args.resolution)  # decoded now: a bad file fails before training
     good = good_images(args.mvtec_root, args.class_name)
     if args.source == "generated":
         pairs = find_generated_pairs(args.generated_root, args.class_name, defects)
@@ -310,9 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = train_model(accelerator, args, cfg, model, dataset, segmentation_loss(args), model_config)
     if args.skip_eval or not accelerator.is_main_process:
         return {}
-    return evaluate(
-        model, args, items, accelerator.device, {"train_images": train_counts, "defects": defects}
-    )
+    extra = {"train_images": train_counts, "defects": defects}
+    return evaluate(model, args, items, test_set, accelerator.device, extra)
 
 
 if __name__ == "__main__":
