@@ -6,15 +6,25 @@ Layout (as distributed by MVTec)::
     <root>/<class>/test/<defect>/NNN.png
     <root>/<class>/ground_truth/<defect>/NNN_mask.png
 
-Few-shot split of a defect type: its images sorted by name; the first ``ceil(N/3)`` train, the rest are
-held out (``rule="ceil"``, the default; no image is in both). ``rule="original"`` reproduces the original
-DualAnoDiff/AnomalyDiffusion code: train = the first ``N//3 (+1 if N%3)`` images, held out = everything
-from index ``N//3`` on, so when ``N % 3 != 0`` the last training image is also held out (overlap of one).
-Keep it only to compare with numbers published with that code.
+Few-shot split of a defect type (its images sorted by name; no image is in both parts):
 
-Augmentation: random horizontal (and optionally vertical) flips drawn from a per-sample seed, so that an
-image, its mask and its fg crop always get the same flips and a resumed run sees the same flips again.
-Masks are resized bilinearly and binarised at 0.5 (``mask >= 0.5``).
+* ``official`` (default): the first ``n = N//3``, plus one when ``n % 3 != 0``, images train, the rest are
+  held out. This is the rule of the DualAnoDiff / AnomalyDiffusion training code (``n = N // 3; if n % 3:
+  n += 1``), e.g. N = 20 -> 6, N = 17 -> 6, N = 10 -> 3.
+* ``ceil``: the first ``ceil(N/3)`` train (N = 20 -> 7, N = 10 -> 4). Differs from ``official`` for N in
+  1..3 and 6, 10, 11, 12, 15, 19, 20, 21, 24, 28, 29, 30 (N <= 30). N < 3 gives no training image under
+  ``official``: an error that names ``ceil``.
+
+Augmentation, as the reference trainers: random horizontal and vertical flips (probability 0.5 each,
+``flip="hv"``; the reference code does not flip ``cable``, see :func:`reference_flip`) and a bilinear resize
+of the shorter side (``resize_mode="bilinear"``, PIL's resampling, exactly what ``transforms.Resize`` does
+on a PIL image), centre crop to a square. ``resize_mode="bicubic_center_crop"`` is this repository's earlier
+resize (torch bicubic, antialiased). Flips are drawn from a per-sample seed, so that an image, its mask and
+its fg image always get the same flips and a resumed run sees the same flips again. Masks are resized
+bilinearly and binarised at 0.5 (``mask >= 0.5``), as the references do.
+
+fg image = the image where the mask is set and a constant background elsewhere: ``grey`` (0 in [-1, 1],
+default) is the references' ``normalised image x mask``; ``black`` (-1) is this repository's earlier choice.
 """
 
 from __future__ import annotations
@@ -33,9 +43,14 @@ from torch.utils.data import Dataset
 from utils.images import load_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-SPLIT_RULES = ("ceil", "original")
-FLIP_MODES = ("none", "horizontal", "both")
+SPLIT_RULES = ("official", "ceil")
+FLIP_MODES = ("none", "h", "hv")
+RESIZE_MODES = ("bilinear", "bicubic_center_crop")
+# fg background value in the [-1, 1] pixel range the model sees
+FG_BACKGROUNDS = {"grey": 0.0, "black": -1.0}
 MASK_THRESHOLD = 0.5
+# Classes the reference training code never flips (its transforms for "cable" have no random flips).
+REFERENCE_NO_FLIP_CLASSES = ("cable",)
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -116,46 +131,98 @@ def mask_path_for(image_path: str | os.PathLike) -> Path:
     return class_dir / "ground_truth" / defect_dir.name / f"{image_path.stem}_mask.png"
 
 
-def few_shot_split(paths: Sequence[str | os.PathLike], rule: str = "ceil") -> tuple[list[Path], list[Path]]:
-    """(train, held_out) of a defect type's images; see the module docstring for the two rules."""
+def official_train_count(n: int) -> int:
+    """Training images of a defect type with N images under the references' rule (``N//3``, +1 if that
+    is not a multiple of 3)."""
+    k = n // 3
+    return k + (1 if k % 3 else 0)
+
+
+def few_shot_split(
+    paths: Sequence[str | os.PathLike], rule: str = "official"
+) -> tuple[list[Path], list[Path]]:
+    """(train, held_out) of a defect type's images (sorted); see the module docstring for the two rules."""
     if rule not in SPLIT_RULES:
         raise ValueError(f"split rule must be one of {SPLIT_RULES}, got {rule!r}")
     items = sorted(Path(p) for p in paths)
     n = len(items)
     if n == 0:
         raise ValueError("few_shot_split: no images")
-    if rule == "ceil":
-        k = math.ceil(n / 3)
-        return items[:k], items[k:]
-    k = n // 3 + (1 if n % 3 else 0)
-    return items[:k], items[n // 3 :]
+    k = official_train_count(n) if rule == "official" else math.ceil(n / 3)
+    if k == 0:
+        raise ValueError(
+            f"few_shot_split: {n} images give no training image under the {rule!r} rule (N//3 = 0); "
+            "use --split_rule ceil for defect types with fewer than 3 images"
+        )
+    return items[:k], items[k:]
+
+
+def reference_flip(class_name: str) -> str:
+    """The flips the reference trainers apply to a class: none for cable, horizontal + vertical otherwise."""
+    return "none" if class_name in REFERENCE_NO_FLIP_CLASSES else "hv"
 
 
 # ---------------------------------------------------------------------------------------------- tensors
 
 
-def _load_image(path: Path, resolution: int) -> torch.Tensor:
-    """uint8 [3, R, R]: shorter side resized to R (bicubic, antialiased), centre crop."""
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _reference_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """(w, h) after ``transforms.Resize(resolution)``: shorter side -> resolution, longer side truncated."""
+    if w <= h:
+        return resolution, int(resolution * h / w)
+    return int(resolution * w / h), resolution
+
+
+def _center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    _, h, w = x.shape
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+    return x[:, top : top + resolution, left : left + resolution]
+
+
+def _load_image(path: Path, resolution: int, resize_mode: str = "bilinear") -> torch.Tensor:
+    """uint8 [3, R, R]: shorter side resized to R (``resize_mode``), centre crop."""
+    from PIL import Image
+
+    _check_choice("resize_mode", resize_mode, RESIZE_MODES)
     img = load_rgb(path)
     if img is None:
         raise ValueError(f"cannot read image {path} (corrupt or not an image)")
+    if resize_mode == "bilinear":
+        size = _reference_size(*img.size, resolution)
+        if size != img.size:
+            img = img.resize(size, Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _center_crop(x, resolution).contiguous()
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return _resize_center_crop(x, resolution, mode="bicubic").round().clamp(0, 255).to(torch.uint8)
 
 
-def _load_mask(path: Path, resolution: int) -> torch.Tensor:
-    """bool [1, R, R], binarised at 0.5 after a bilinear resize."""
+def _load_mask(path: Path, resolution: int, resize_mode: str = "bilinear") -> torch.Tensor:
+    """bool [1, R, R], binarised at 0.5 after a bilinear resize (PIL's on the 8-bit mask, as the references,
+    for ``resize_mode="bilinear"``; torch's on floats for ``bicubic_center_crop``)."""
     from PIL import Image, UnidentifiedImageError
 
+    _check_choice("resize_mode", resize_mode, RESIZE_MODES)
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth mask missing: {path}")
     try:
         with Image.open(path) as im:
-            m = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            im = im.convert("L")
+            if resize_mode == "bilinear":
+                size = _reference_size(*im.size, resolution)
+                if size != im.size:
+                    im = im.resize(size, Image.BILINEAR)
+            m = np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"cannot read mask {path}: {err}") from err
-    x = _resize_center_crop(torch.from_numpy(m)[None], resolution, mode="bilinear")
-    return x >= MASK_THRESHOLD
+    x = torch.from_numpy(m)[None]
+    if resize_mode == "bilinear":
+        return _center_crop(x, resolution) >= MASK_THRESHOLD
+    return _resize_center_crop(x, resolution, mode="bilinear") >= MASK_THRESHOLD
 
 
 def _resize_center_crop(x: torch.Tensor, resolution: int, mode: str) -> torch.Tensor:
@@ -165,17 +232,15 @@ def _resize_center_crop(x: torch.Tensor, resolution: int, mode: str) -> torch.Te
     if (nh, nw) != (h, w):
         kwargs = {"antialias": True} if mode in ("bilinear", "bicubic") else {}
         x = F.interpolate(x[None], size=(nh, nw), mode=mode, align_corners=False, **kwargs)[0]
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    return x[:, top : top + resolution, left : left + resolution]
+    return _center_crop(x, resolution)
 
 
 def flip_code_for(seed: int, flip: str) -> int:
     """0..3: bit 0 = horizontal flip, bit 1 = vertical flip, drawn from ``seed`` (probability 0.5 each)."""
-    if flip not in FLIP_MODES:
-        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    _check_choice("flip", flip, FLIP_MODES)
     rng = random.Random(seed)
     h = flip != "none" and rng.random() < 0.5
-    v = flip == "both" and rng.random() < 0.5
+    v = flip == "hv" and rng.random() < 0.5
     return int(h) | (int(v) << 1)
 
 
@@ -206,15 +271,23 @@ class MVTecGoodDataset(Dataset):
     Items: ``{"pixel_values": [3,R,R], "index": i, "flip": code}``. A key ``(i, aug_seed)`` draws the flips
     from ``aug_seed`` (what the trainer's sampler passes); a plain ``i`` draws them from Python's RNG.
     Images are decoded and resized once at construction (few-shot sets are small; bad files fail early).
+    ``flip=None`` means the reference's flips for the class (:func:`reference_flip`).
     """
 
-    def __init__(self, root: str | os.PathLike, class_name: str, resolution: int, flip: str = "horizontal"):
-        if flip not in FLIP_MODES:
-            raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        class_name: str,
+        resolution: int,
+        flip: str | None = None,
+        resize_mode: str = "bilinear",
+    ):
+        self.flip = reference_flip(class_name) if flip is None else flip
+        _check_choice("flip", self.flip, FLIP_MODES)
+        _check_choice("resize_mode", resize_mode, RESIZE_MODES)
         self.paths = good_images(root, class_name)
-        self.flip = flip
         self.resolution = resolution
-        self.images = [_load_image(p, resolution) for p in self.paths]
+        self.images = [_load_image(p, resolution, resize_mode) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -228,8 +301,9 @@ class MVTecGoodDataset(Dataset):
 class MVTecAnomalyPairDataset(Dataset):
     """Stage 2: training split of one defect type, as (blend, fg, mask) pairs.
 
-    ``pixel_values`` = the anomalous image, ``fg_values`` = image x mask (black, i.e. -1, elsewhere), ``mask``
-    = bool [1,R,R]; all three flipped together. Only the few-shot *train* part of the split is used.
+    ``pixel_values`` = the anomalous image, ``fg_values`` = the image where the mask is set and the
+    ``fg_background`` value elsewhere (grey = 0, the references' ``image x mask``; black = -1), ``mask`` =
+    bool [1,R,R]; all three flipped together. Only the few-shot *train* part of the split is used.
     """
 
     def __init__(
@@ -238,11 +312,15 @@ class MVTecAnomalyPairDataset(Dataset):
         class_name: str,
         defect: str,
         resolution: int,
-        split_rule: str = "ceil",
-        flip: str = "horizontal",
+        split_rule: str = "official",
+        flip: str | None = None,
+        resize_mode: str = "bilinear",
+        fg_background: str = "grey",
     ):
-        if flip not in FLIP_MODES:
-            raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+        self.flip = reference_flip(class_name) if flip is None else flip
+        _check_choice("flip", self.flip, FLIP_MODES)
+        _check_choice("resize_mode", resize_mode, RESIZE_MODES)
+        _check_choice("fg_background", fg_background, FG_BACKGROUNDS)
         all_images = defect_images(root, class_name, defect)
         self.paths, self.held_out = few_shot_split(all_images, split_rule)
         self.mask_paths = [mask_path_for(p) for p in self.paths]
@@ -251,10 +329,10 @@ class MVTecAnomalyPairDataset(Dataset):
             raise FileNotFoundError(
                 f"ground-truth mask missing: {missing[0]} ({len(missing)} missing in total)"
             )
-        self.flip = flip
         self.resolution = resolution
-        self.images = [_load_image(p, resolution) for p in self.paths]
-        self.masks = [_load_mask(m, resolution) for m in self.mask_paths]
+        self.background = FG_BACKGROUNDS[fg_background]
+        self.images = [_load_image(p, resolution, resize_mode) for p in self.paths]
+        self.masks = [_load_mask(m, resolution, resize_mode) for m in self.mask_paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -264,7 +342,7 @@ class MVTecAnomalyPairDataset(Dataset):
         code = flip_code_for(seed if seed is not None else random.getrandbits(32), self.flip)
         image = _to_signed(self.images[i])
         mask = self.masks[i]
-        fg = torch.where(mask, image, torch.full_like(image, -1.0))
+        fg = torch.where(mask, image, torch.full_like(image, self.background))
         return {
             "pixel_values": apply_flip(image, code),
             "fg_values": apply_flip(fg, code),

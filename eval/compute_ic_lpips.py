@@ -9,10 +9,17 @@ over defect types:
 
     python eval/compute_ic_lpips.py --gen_root generate_data --class_name hazelnut --mvtec_root datasets/mvtec_ad
 
-Cluster centres: for a defect type, its few-shot training images (sorted, first ceil(N/3), the split of
-datasets/mvtec.py); for ``full`` (normal images), the first ``--num_full_centres`` (10) sorted ``train/good``
-images, because stage 1 trains on all of train/good (hundreds of images) and one centre per training image
-would leave most clusters with fewer than 2 members. ``--centres_dir`` overrides both.
+Cluster centres (``--centres``) of a defect type:
+
+* ``official`` (default): the first ``N//3`` sorted test images of the defect type (N = its test images),
+  as the official DualAnoDiff/AnomalyDiffusion script (``'%03d.png' % k for k in range(N // 3)``). This is
+  not the training split: for hazelnut cut/print (N = 17) it gives 5 centres, the split 6;
+* ``split``: the few-shot training images (``--split_rule`` of datasets/mvtec.py);
+* any other value: a folder whose images are the centres.
+
+For ``full`` (normal images, no reference protocol), ``official`` and ``split`` both use the first
+``--num_full_centres`` (10) sorted ``train/good`` images: stage 1 trains on all of train/good (hundreds of
+images), and one centre per training image would leave most clusters with fewer than 2 members.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("compute_ic_lpips")
 FULL = "full"
+CENTRE_RULES = ("official", "split")
 DEFAULT_MVTEC_ROOT = "datasets/mvtec_ad"
 
 
@@ -67,13 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mvtec_root", default=DEFAULT_MVTEC_ROOT, help="MVTec AD root holding <class>/train, test"
     )
     p.add_argument(
-        "--centres_dir", default=None, help="use the images of this folder as cluster centres instead"
+        "--centres",
+        default="official",
+        help="cluster centres of a defect type: official = first N//3 sorted test images (the official "
+        "script), split = the few-shot training images (--split_rule), or a folder of images",
     )
     p.add_argument(
         "--num_full_centres", type=int, default=10, help="centres for 'full': first K sorted train/good"
     )
     p.add_argument(
-        "--split_rule", choices=SPLIT_RULES, default="ceil", help="few-shot split rule (datasets/mvtec.py)"
+        "--split_rule",
+        choices=SPLIT_RULES,
+        default="official",
+        help="--centres split: few-shot split rule (datasets/mvtec.py)",
     )
     p.add_argument(
         "--cluster_size", type=int, default=DEFAULT_CLUSTER_SIZE, help="max members per cluster (50)"
@@ -105,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --cluster_size >= 2, --num_full_centres >= 1, --batch_size >= 1, --resolution >= 16")
     if args.gen_root and not args.class_name:
         p.error("--gen_root needs --class_name")
+    if args.centres not in CENTRE_RULES and not Path(args.centres).is_dir():
+        p.error(f"--centres {args.centres!r} is neither one of {CENTRE_RULES} nor an existing folder")
     return args
 
 
@@ -118,12 +134,27 @@ def infer_class_and_defect(image_dir: Path) -> tuple[str, str]:
     return parts[-2], parts[-1]
 
 
+def official_centres(images: list[Path]) -> list[Path]:
+    """The official script's centres: the first ``N//3`` of a defect type's N sorted test images."""
+    images = sorted(images)
+    return images[: len(images) // 3]
+
+
 def centre_images(args: argparse.Namespace, class_name: str, defect: str) -> list[Path]:
-    if args.centres_dir:
-        return list_images(args.centres_dir)
+    if args.centres not in CENTRE_RULES:
+        return list_images(args.centres)
     if defect == FULL:
         return good_images(args.mvtec_root, class_name)[: args.num_full_centres]
-    train, _ = few_shot_split(defect_images(args.mvtec_root, class_name, defect), args.split_rule)
+    images = defect_images(args.mvtec_root, class_name, defect)
+    if args.centres == "official":
+        centres = official_centres(images)
+        if not centres:
+            raise ValueError(
+                f"{class_name}/{defect} has {len(images)} test images: N//3 = 0 official centres; "
+                "use --centres split or a folder"
+            )
+        return centres
+    train, _ = few_shot_split(images, args.split_rule)
     return train
 
 
@@ -141,7 +172,13 @@ def evaluate_folder(args, model, image_dir: Path, class_name: str, defect: str) 
         batch_size=args.batch_size,
         cache_budget_gb=args.cache_budget_gb,
     )
-    return {"class": class_name, "defect": defect, "image_dir": str(image_dir), **result.as_dict()}
+    return {
+        "class": class_name,
+        "defect": defect,
+        "image_dir": str(image_dir),
+        "centres": args.centres,
+        **result.as_dict(),
+    }
 
 
 def write_reports(rows: list[dict], class_name: str, out_dir: Path, random_vgg: bool) -> dict:

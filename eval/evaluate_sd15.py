@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("sampling")
     g.add_argument(
-        "--sampler", choices=SAMPLERS, default="dpmsolver++", help="dpmsolver++ (fast), ddim, or ddpm."
+        "--sampler",
+        choices=SAMPLERS,
+        default="dpmsolver++",
+        help="dpmsolver++ (fast), ddim, pndm or ddpm (models/schedulers.py).",
     )
     g.add_argument(
         "--num_steps",

@@ -12,6 +12,10 @@ eval/mask_extraction.py):
     python eval/generate.py stage2 --pretrained_model_name_or_path models/stable-diffusion-v1-5 \
         --weights_dir all_generate/hazelnut/stage2-hole-dual --mvtec_name hazelnut --mvtec_anomaly_name hole
 
+Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 steps, guidance 2.5) and
+``--preset official`` (DualAnoDiff's inference: PNDM, 100 steps, guidance 2.5, prompts "a vfx with sks" /
+"sks", unconditional prompt ""); script/inference/*.sh use ``official``.
+
 Resumable: sample ``i`` uses its own seed ``--seed + i``, indices whose files exist are skipped, files are
 written atomically, so an interrupted run continues with the same images an uninterrupted run would write.
 """
@@ -28,13 +32,23 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
+from datasets.mvtec import FG_BACKGROUNDS  # noqa: E402
 from eval.mask_extraction import MaskParams, extract_mask, mask_to_image  # noqa: E402
+from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.images import to_pil  # noqa: E402
 from utils.logging import get_logger, progress  # noqa: E402
 
 logger = get_logger("generate")
-SCHEDULERS = ("ddim", "dpmsolver++")
+# What each preset sets when the flag is not given. "official": DualAnoDiff's inference script (the stock
+# SD-1.5 pipeline's PNDM scheduler, num_inference_steps=100, guidance_scale=2.5, its two prompts, negative "").
+PRESETS = {
+    "fast": {"scheduler": "ddim", "num_inference_steps": 50, "guidance_scale": 2.5},
+    "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
+}
+PROMPTS = {"prompt": "a vfx", "prompt_blend": "a vfx with sks", "prompt_fg": "sks", "negative_prompt": ""}
+# fg background of stage-2 weights whose dual_config.json predates --fg_background (they were trained black)
+LEGACY_FG_BACKGROUND = "black"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -49,12 +63,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num_images", type=int, default=500, help="images (stage 1) or pairs (stage 2) to have in total"
     )
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="sampling steps")
     p.add_argument(
-        "--guidance_scale", type=float, default=2.5, help="classifier-free guidance scale (1 = off)"
+        "--preset",
+        choices=sorted(PRESETS),
+        default="fast",
+        help="defaults of --scheduler/--num_inference_steps/--guidance_scale: fast = ddim, 50, 2.5; "
+        "official = DualAnoDiff's inference (pndm, 100, 2.5)",
     )
-    p.add_argument("--negative_prompt", default="", help="unconditional prompt for guidance")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the preset's)")
+    p.add_argument(
+        "--num_inference_steps", type=int, default=None, help="sampling steps (default: the preset's)"
+    )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 1 = off (default: the preset's, 2.5)",
+    )
+    p.add_argument("--negative_prompt", default=PROMPTS["negative_prompt"], help="unconditional prompt")
     p.add_argument("--seed", type=int, default=0, help="sample i is drawn with seed + i")
     p.add_argument("--batch_size", type=int, default=4, help="samples per denoising batch")
     p.add_argument(
@@ -74,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="stage-1 --output_dir (diffusers LoRA, pytorch_lora_weights.safetensors)",
     )
-    s1.add_argument("--prompt", default="a vfx", help="stage-1 instance prompt")
+    s1.add_argument("--prompt", default=PROMPTS["prompt"], help="stage-1 instance prompt")
     s2 = sub.add_parser("stage2", help="anomaly image/fg/mask triplets with the dual LoRA model")
     _add_common(s2)
     s2.add_argument("--weights_dir", required=True, help="stage-2 --output_dir or a checkpoint-<step>/ in it")
@@ -87,10 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     s2.add_argument(
         "--prompt_blend",
-        default="a vfx with sks",
+        default=PROMPTS["prompt_blend"],
         help="blend-branch prompt (stage-2 --instance_prompt_blend)",
     )
-    s2.add_argument("--prompt_fg", default="sks", help="fg-branch prompt (stage-2 --instance_prompt_fg)")
+    s2.add_argument(
+        "--prompt_fg", default=PROMPTS["prompt_fg"], help="fg-branch prompt (stage-2 --instance_prompt_fg)"
+    )
+    s2.add_argument(
+        "--fg_background",
+        choices=tuple(FG_BACKGROUNDS),
+        default=None,
+        help="mask extraction: the fg background the model was trained with (default: the weights' "
+        f"dual_config.json; {LEGACY_FG_BACKGROUND} for weights that predate the flag)",
+    )
     s2.add_argument(
         "--mask_sigma", type=float, default=MaskParams.sigma, help="mask extraction: Gaussian sigma (px)"
     )
@@ -104,19 +139,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mask extraction: drop components smaller than this fraction of the image",
     )
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.num_images < 1 or args.num_inference_steps < 1 or args.batch_size < 1:
         p.error("--num_images, --num_inference_steps and --batch_size must be >= 1")
     if args.guidance_scale < 1.0:
         p.error("--guidance_scale must be >= 1 (1 disables guidance)")
     return args
-
-
-def make_scheduler(kind: str, config) -> object:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if kind == "ddim":
-        return DDIMScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
 
 
 def _save_png(image, path: Path) -> None:
@@ -217,7 +247,15 @@ def sample_pairs(
     negative_prompt: str = "",
     resolution: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint denoising of (blend, fg) pairs; returns both decoded batches in [-1, 1]."""
+    """Joint denoising of (blend, fg) pairs; returns both decoded batches in [-1, 1], fp32.
+
+    The stage-2 sampler of generation and of the trainers' validation. ``components``: ``dual_unet``,
+    ``vae``, ``tokenizer``, ``text_encoder`` and ``scheduler`` (the model's noise scheduler, whose config
+    :func:`models.schedulers.make_scheduler` turns into the sampler ``scheduler``). As DualAnoDiff's
+    pipeline: the initial noise of sample ``s`` is one draw of shape ``[2, C, h, w]`` (blend, fg) from a
+    generator seeded with ``s``; guidance runs the unconditional and the conditional pairs in one batch
+    (``uncond + w * (cond - uncond)`` per branch); one scheduler steps both branches.
+    """
     dual, vae = components["dual_unet"], components["vae"]
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     device, dtype = dual.device, dual.dtype
@@ -226,39 +264,33 @@ def sample_pairs(
     size = resolution or dual.config.sample_size * scale
     if size % scale:
         raise ValueError(f"--resolution must be a multiple of {scale}, got {size}")
-    shape = (dual.config.in_channels, size // scale, size // scale)
-    lat_b, lat_f = [], []
-    for s in seeds:  # per-sample generators: a sample does not depend on its batch mates
-        g = torch.Generator("cpu").manual_seed(s)
-        lat_b.append(torch.randn(shape, generator=g))
-        lat_f.append(torch.randn(shape, generator=g))
-    # One scheduler per branch: DPM-Solver++ keeps a history of model outputs.
-    sched_b = make_scheduler(scheduler, components["scheduler"].config)
-    sched_f = make_scheduler(scheduler, components["scheduler"].config)
-    sched_b.set_timesteps(num_inference_steps, device=device)
-    sched_f.set_timesteps(num_inference_steps, device=device)
-    lat_b = (torch.stack(lat_b) * sched_b.init_noise_sigma).to(device, dtype)
-    lat_f = (torch.stack(lat_f) * sched_f.init_noise_sigma).to(device, dtype)
+    shape = (2, dual.config.in_channels, size // scale, size // scale)
+    # per-sample generators: a sample does not depend on its batch mates
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    sched = make_scheduler(scheduler, components["scheduler"].config)
+    sched.set_timesteps(num_inference_steps, device=device)
+    # [blend of every sample; fg of every sample]
+    latents = torch.cat([torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])])
+    latents = (latents * sched.init_noise_sigma).to(device, dtype)
     emb_b = encode_prompts(tokenizer, text_encoder, [prompt_blend], device).to(dtype).expand(b, -1, -1)
     emb_f = encode_prompts(tokenizer, text_encoder, [prompt_fg], device).to(dtype).expand(b, -1, -1)
     use_cfg = guidance_scale > 1.0
     if use_cfg:
         emb_u = encode_prompts(tokenizer, text_encoder, [negative_prompt], device).to(dtype).expand(b, -1, -1)
         emb_b, emb_f = torch.cat([emb_u, emb_b]), torch.cat([emb_u, emb_f])
-    for t in sched_b.timesteps:
-        in_b = sched_b.scale_model_input(torch.cat([lat_b] * 2) if use_cfg else lat_b, t)
-        in_f = sched_f.scale_model_input(torch.cat([lat_f] * 2) if use_cfg else lat_f, t)
-        pred_b, pred_f = dual(in_b, in_f, t, emb_b, emb_f)
+    for t in sched.timesteps:
+        x_b, x_f = sched.scale_model_input(latents, t).chunk(2)
+        if use_cfg:
+            x_b, x_f = torch.cat([x_b, x_b]), torch.cat([x_f, x_f])
+        pred_b, pred_f = dual(x_b, x_f, t, emb_b, emb_f)
         if use_cfg:
             u, c = pred_b.chunk(2)
             pred_b = u + guidance_scale * (c - u)
             u, c = pred_f.chunk(2)
             pred_f = u + guidance_scale * (c - u)
-        lat_b = sched_b.step(pred_b, t, lat_b).prev_sample
-        lat_f = sched_f.step(pred_f, t, lat_f).prev_sample
-    sf = vae.config.scaling_factor
-    img_b = vae.decode(lat_b / sf).sample.float().clamp(-1, 1)
-    img_f = vae.decode(lat_f / sf).sample.float().clamp(-1, 1)
+        latents = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched)).prev_sample
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    img_b, img_f = images.float().clamp(-1, 1).chunk(2)
     return img_b, img_f
 
 
@@ -277,8 +309,13 @@ def run_stage2(args: argparse.Namespace) -> Path:
     components = load_dual_unet(
         args.pretrained_model_name_or_path, args.weights_dir, args.device, DTYPES[args.dtype]
     )
+    background = args.fg_background or components["config"].get("fg_background", LEGACY_FG_BACKGROUND)
+    logger.info("mask extraction on a %s fg background", background)
     params = MaskParams(
-        sigma=args.mask_sigma, threshold=args.mask_threshold, min_area_fraction=args.mask_min_area_fraction
+        background=background,
+        sigma=args.mask_sigma,
+        threshold=args.mask_threshold,
+        min_area_fraction=args.mask_min_area_fraction,
     )
     for s in progress(range(0, len(todo), args.batch_size), desc="stage2", unit="batch"):
         idx = todo[s : s + args.batch_size]

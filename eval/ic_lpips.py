@@ -2,9 +2,12 @@
 
 Protocol:
 
-1. Cluster centres: the real training images (for a defect type, the few-shot training split).
-2. Every generated image is assigned to the centre with the smallest LPIPS distance (ties: lower index).
-3. Per cluster, up to ``cluster_size`` (50) members are drawn at random with a seed.
+1. Cluster centres: real images (the official script: the first ``N//3`` sorted test images of the defect
+   type; chosen by the caller, see eval/compute_ic_lpips.py).
+2. Every generated image is assigned to the centre with the smallest LPIPS distance; on a tie the last
+   (highest-index) of the equally distant centres wins, as in the official script (``if dist <= min_dist``).
+3. Per cluster, up to ``cluster_size`` (50) members are drawn at random with a seed (the official script
+   shuffles with Python's unseeded ``random``: same distribution, not reproducible).
 4. Per cluster, the mean LPIPS over all member pairs; IC-LPIPS = the mean over clusters with 2+ members.
 
 The random draw is made online and is exactly uniform: the generated images are visited in one seeded
@@ -83,6 +86,12 @@ class ICLPIPSResult:
         }
 
 
+def nearest_centre(distances: np.ndarray) -> int:
+    """Index of the smallest distance; the last one among equal minima (the official script's ``<=``)."""
+    d = np.asarray(distances).ravel()
+    return int(len(d) - 1 - np.argmin(d[::-1]))
+
+
 def ic_lpips(
     generated: Sequence[Any],
     centres: Sequence[Any],
@@ -113,8 +122,8 @@ def ic_lpips(
         idx = order[start : start + batch_size].tolist()
         feats = space.embed([generated[i] for i in idx])
         for i, f in zip(idx, feats):
-            d = space.distances(f, centre_stack)
-            c = int(np.argmin(d))
+            d = np.asarray(space.distances(f, centre_stack))
+            c = nearest_centre(d)
             assignment[i] = c
             if len(members[c]) < cluster_size:
                 members[c].append(i)

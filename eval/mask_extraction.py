@@ -1,19 +1,22 @@
 """Anomaly masks from generated foreground (fg) images, without a segmentation network.
 
-The fg branch is trained on ``image x mask`` (black outside the defect), so a generated fg image is a
-defect on a near-black background. The mask is recovered as:
+The fg branch is trained on the anomalous image inside the mask and a constant background outside it
+(``--fg_background``: grey, the references' ``normalised image x mask``, or black), so a generated fg image
+is a defect on a near-constant background. The mask is recovered as:
 
-1. brightness = max over RGB, in [0, 1] (max, not luminance: a saturated blue stain has low luminance);
-2. Gaussian smoothing with ``sigma`` pixels (suppresses the sampler's speckle on the black background);
-3. threshold: Otsu's threshold of the smoothed brightness, clipped to ``[min_threshold, max_threshold]``
+1. distance from the background = max over RGB of ``|pixel - background|``, in [0, 1] (max, not luminance:
+   a saturated blue stain differs little in luminance); on a black background this is the brightness;
+2. Gaussian smoothing with ``sigma`` pixels (suppresses the sampler's speckle on the background);
+3. threshold: Otsu's threshold of the smoothed distance, clipped to ``[min_threshold, max_threshold]``
    (or a fixed ``threshold``). The clip keeps an almost empty fg (no defect drawn) from turning noise into a
    mask, and an fg with little background from being split inside the defect;
-4. ``binary_fill_holes`` (dark defect interiors such as holes, ringed by a brighter rim) and one binary
-   closing with a 3x3 structuring element (reconnects thin cracks broken by the threshold);
+4. ``binary_fill_holes`` (defect interiors close to the background value, ringed by a rim that is not) and
+   one binary closing with a 3x3 structuring element (reconnects thin cracks broken by the threshold);
 5. connected components (8-connectivity) smaller than ``min_area_fraction`` of the image are removed.
 
 Defaults were checked on the synthetic MVTec defects (``tests/anomaly/test_eval_mask_extraction.py``):
-mean IoU against the true masks is reported in docs/anomaly_generation_eval.md.
+mean IoU against the true masks, for both backgrounds, is reported in docs/anomaly_generation_eval.md.
+The reference (DualAnoDiff) segments its fg images with a U-2-Net instead, which is not available offline.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from datasets.mvtec import FG_BACKGROUNDS
+
 
 @dataclass(frozen=True)
 class MaskParams:
+    background: str = "grey"  # the fg background the model was trained with (FG_BACKGROUNDS)
     sigma: float = 0.5
     threshold: float | None = None  # None: Otsu, clipped to [min_threshold, max_threshold]
     min_threshold: float = 0.02
@@ -36,6 +42,8 @@ class MaskParams:
     min_area_fraction: float = 0.0005
 
     def __post_init__(self) -> None:
+        if self.background not in FG_BACKGROUNDS:
+            raise ValueError(f"background must be one of {tuple(FG_BACKGROUNDS)}, got {self.background!r}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if not 0.0 <= self.min_threshold <= self.max_threshold <= 1.0:
@@ -71,10 +79,15 @@ def _as_array(fg: Image.Image | np.ndarray) -> np.ndarray:
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
 
 
+def background_value(background: str) -> float:
+    """The fg background in [0, 1] pixel units (grey 0.5, black 0)."""
+    return (FG_BACKGROUNDS[background] + 1.0) / 2.0
+
+
 def extract_mask(fg: Image.Image | np.ndarray, params: MaskParams = MaskParams()) -> np.ndarray:
     """Boolean ``[H,W]`` defect mask of one fg image (uint8 RGB, or float in [0, 1])."""
-    brightness = _as_array(fg).max(axis=2)
-    smooth = ndimage.gaussian_filter(brightness, params.sigma) if params.sigma > 0 else brightness
+    distance = np.abs(_as_array(fg) - background_value(params.background)).max(axis=2)
+    smooth = ndimage.gaussian_filter(distance, params.sigma) if params.sigma > 0 else distance
     if params.threshold is not None:
         t = params.threshold
     else:

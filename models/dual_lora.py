@@ -7,8 +7,12 @@ The blend branch sees the whole anomalous image ("a vfx with sks"), the fg branc
   LoRA sets; the first half of the batch goes through set 0 (blend), the second half through set 1 (fg);
 * after every attention layer a :class:`BranchInteraction` lets the two branches exchange information:
   at each spatial position the two branch tokens attend to each other (LayerNorm -> Linear -> q/k/v ->
-  attention over the branch axis -> output projection), added residually. The output projection is
-  zero-initialised, so a freshly built model computes exactly what the stage-1 LoRA U-Net computes.
+  attention over the branch axis -> output projection), added residually. Two presets:
+  ``official`` = DualAnoDiff's processor (single head, width C, q/k/v with bias, LayerNorm eps 1e-6; its
+  ``temporal_n/i/q/k/v/o`` are our ``norm/proj_in/to_q/to_k/to_v/proj_out``), ``light`` = a smaller module
+  (width C/reduction, ``attn.heads`` heads, no q/k/v bias, LayerNorm eps 1e-5). With
+  ``interaction_init="zero"`` the output projection is zero-initialised, so a freshly built model computes
+  exactly what the stage-1 LoRA U-Net computes; ``"default"`` keeps PyTorch's init (the reference's).
 
 ``dual_mode="shared"`` is the seed's original stage 2 (ablation): one LoRA set for both branches and no
 interaction, so the two branches are independent samples of one batch.
@@ -21,7 +25,6 @@ U-Net's own code is untouched.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,9 @@ from torch import nn
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DUAL_MODES = ("interrelated", "shared")
+INTERACTION_PRESETS = ("official", "light")
+INTERACTION_INITS = ("zero", "default")
+LIGHT_INTERACTION_REDUCTION = 4
 BRANCHES = ("blend", "fg")
 
 DUAL_WEIGHTS_NAME = "dual_unet.safetensors"
@@ -65,8 +71,9 @@ class DualLoRALinear(nn.Module):
         self.lora_A = nn.ModuleList([nn.Linear(base.in_features, rank, bias=False) for _ in range(num_sets)])
         self.lora_B = nn.ModuleList([nn.Linear(rank, base.out_features, bias=False) for _ in range(num_sets)])
         for a, b in zip(self.lora_A, self.lora_B):
-            # Same init as peft's default LoRA: A kaiming-uniform, B zero -> the layer starts as ``base``.
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            # The reference's LoRALinearLayer init (= peft's "gaussian", what stage 1 uses): A ~ N(0, 1/rank),
+            # B zero -> the layer starts as ``base``.
+            nn.init.normal_(a.weight, std=1.0 / rank)
             nn.init.zeros_(b.weight)
 
     # Some diffusers code paths read ``attn.to_q.weight`` (dtype/device checks); delegate to the base layer.
@@ -109,23 +116,52 @@ class DualLoRALinear(nn.Module):
 class BranchInteraction(nn.Module):
     """Attention across the branch axis at each spatial position, added residually.
 
-    Input/output ``[B, N, S, C]`` (S = 2 branches). ``hidden_dim`` is the width of the q/k/v space
-    (``C // reduction``); the zero-initialised output projection makes the module start as the identity.
+    Input/output ``[B, N, S, C]`` (S = 2 branches): ``x + proj_out(attn(to_q(h), to_k(h), to_v(h)))`` with
+    ``h = proj_in(norm(x))`` and softmax attention over the S branch tokens (``heads`` heads of width
+    ``hidden_dim / heads``, scale ``1/sqrt(head width)``).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, heads: int):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        heads: int,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
+        zero_init: bool = True,
+    ):
         super().__init__()
         if hidden_dim % heads:
             heads = 1
         self.heads = heads
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.proj_in = nn.Linear(dim, hidden_dim)
-        self.to_q = nn.Linear(hidden_dim, hidden_dim, bias=False)
-        self.to_k = nn.Linear(hidden_dim, hidden_dim, bias=False)
-        self.to_v = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.to_q = nn.Linear(hidden_dim, hidden_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(hidden_dim, hidden_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(hidden_dim, hidden_dim, bias=qkv_bias)
         self.proj_out = nn.Linear(hidden_dim, dim)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        if zero_init:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+
+    @classmethod
+    def for_preset(
+        cls,
+        preset: str,
+        dim: int,
+        attn_heads: int,
+        reduction: int = LIGHT_INTERACTION_REDUCTION,
+        init: str = "zero",
+    ) -> BranchInteraction:
+        """The module of one attention layer of width ``dim`` under an interaction preset."""
+        if preset not in INTERACTION_PRESETS:
+            raise ValueError(f"interaction preset must be one of {INTERACTION_PRESETS}, got {preset!r}")
+        if init not in INTERACTION_INITS:
+            raise ValueError(f"interaction init must be one of {INTERACTION_INITS}, got {init!r}")
+        zero = init == "zero"
+        if preset == "official":
+            return cls(dim, dim, heads=1, qkv_bias=True, norm_eps=1e-6, zero_init=zero)
+        return cls(dim, max(1, dim // reduction), heads=attn_heads, zero_init=zero)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, s, _ = tokens.shape
@@ -158,7 +194,9 @@ class DualLoRAUNet(nn.Module):
         unet: the base U-Net (modified in place: target projections are wrapped, the base is frozen).
         rank: LoRA rank; ``alpha`` defaults to ``rank`` (scale 1, as the diffusers DreamBooth-LoRA script).
         dual_mode: "interrelated" (two LoRA sets + interaction) or "shared" (one LoRA set, no interaction).
-        interaction_reduction: q/k/v width of the interaction module = attention width // reduction.
+        interaction_preset: "official" (DualAnoDiff's module) or "light"; see the module docstring.
+        interaction_init: "zero" (output projection zero: starts as the stage-1 model) or "default".
+        interaction_reduction: light preset only: q/k/v width = attention width // reduction (default 4).
         target_modules: attention projections that get LoRA.
     """
 
@@ -168,20 +206,36 @@ class DualLoRAUNet(nn.Module):
         rank: int,
         dual_mode: str = "interrelated",
         alpha: float | None = None,
-        interaction_reduction: int = 4,
+        interaction_reduction: int | None = None,
         target_modules: tuple[str, ...] = LORA_TARGETS,
+        interaction_preset: str = "official",
+        interaction_init: str = "zero",
     ):
         super().__init__()
         if dual_mode not in DUAL_MODES:
             raise ValueError(f"dual_mode must be one of {DUAL_MODES}, got {dual_mode!r}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if interaction_preset not in INTERACTION_PRESETS:
+            raise ValueError(
+                f"interaction_preset must be one of {INTERACTION_PRESETS}, got {interaction_preset!r}"
+            )
+        if interaction_init not in INTERACTION_INITS:
+            raise ValueError(f"interaction_init must be one of {INTERACTION_INITS}, got {interaction_init!r}")
+        if interaction_preset == "official":
+            if interaction_reduction not in (None, 1):
+                raise ValueError("interaction_reduction applies to the light preset only (official: width C)")
+            interaction_reduction = 1
+        elif interaction_reduction is None:
+            interaction_reduction = LIGHT_INTERACTION_REDUCTION
         if interaction_reduction < 1:
             raise ValueError(f"interaction_reduction must be >= 1, got {interaction_reduction}")
         self.unet = unet
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
         self.dual_mode = dual_mode
+        self.interaction_preset = interaction_preset
+        self.interaction_init = interaction_init
         self.interaction_reduction = interaction_reduction
         self.target_modules = tuple(target_modules)
         self.context = _BranchContext()
@@ -213,9 +267,13 @@ class DualLoRAUNet(nn.Module):
         self.attention_names = [name for name, _ in attn_modules]
         if dual_mode == "interrelated":
             for attn_name, attn in attn_modules:
-                dim = attn.to_out[0].out_features
-                hidden = max(1, dim // interaction_reduction)
-                module = BranchInteraction(dim=dim, hidden_dim=hidden, heads=attn.heads)
+                module = BranchInteraction.for_preset(
+                    interaction_preset,
+                    dim=attn.to_out[0].out_features,
+                    attn_heads=attn.heads,
+                    reduction=interaction_reduction,
+                    init=interaction_init,
+                )
                 module.to(device=attn.to_out[0].weight.device)
                 key = attn_name.replace(".", "__")
                 self.interactions[key] = module
@@ -358,6 +416,8 @@ class DualLoRAUNet(nn.Module):
             "rank": self.rank,
             "alpha": self.alpha,
             "dual_mode": self.dual_mode,
+            "interaction_preset": self.interaction_preset,
+            "interaction_init": self.interaction_init,
             "interaction_reduction": self.interaction_reduction,
             "target_modules": list(self.target_modules),
         }
@@ -452,7 +512,11 @@ def read_dual_config(weights_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} not found: {weights_dir} is not a stage-2 (dual LoRA) weights directory. It is written by "
             f"train/stage2-dual/train.py into --output_dir and every checkpoint-<step>/ directory."
         )
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    # Weights written before the interaction presets existed used the light module, zero-initialised.
+    config.setdefault("interaction_preset", "light")
+    config.setdefault("interaction_init", "zero")
+    return config
 
 
 def load_dual_weights(
@@ -501,6 +565,8 @@ def load_dual_unet(
         dual_mode=config["dual_mode"],
         interaction_reduction=int(config["interaction_reduction"]),
         target_modules=tuple(config["target_modules"]),
+        interaction_preset=config["interaction_preset"],
+        interaction_init=config["interaction_init"],
     )
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
     if config.get("text_encoder_lora"):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole anomaly pipeline on the tiny offline assets, CPU, a few minutes:
 # tiny assets -> stage 1 (DreamBooth LoRA + DINOv2 loss) -> stage 2 (dual LoRA) -> generation (images,
-# fg, masks) -> IC-LPIPS and IS. LPIPS/Inception use RANDOM weights here (no real weights offline): the
+# fg, masks) -> IC-LPIPS and IS. Every step runs with the reference-compatible defaults (few-shot split, hv
+# flips, bilinear resize, grey fg background, official interaction module, PNDM sampler, official centres). LPIPS/Inception use RANDOM weights here (no real weights offline): the
 # numbers only show that everything runs. Outputs go to outputs/demo_anomaly/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,13 +34,15 @@ echo "== stage 2 =="
   --report_to none --seed 0 "${DINO[@]}"
 
 echo "== generation =="
+# the reference's sampler (--preset official: PNDM, guidance 2.5), 5 steps instead of 100 to stay fast on CPU
 "$PY" eval/generate.py stage1 --pretrained_model_name_or_path "$MODEL" --lora_dir "$OUT/$NAME/stage1-full" \
-  --mvtec_name $NAME --output_root "$OUT/generate_data" --num_images $NUM_IMAGES --num_inference_steps 5 --batch_size 4
+  --mvtec_name $NAME --output_root "$OUT/generate_data" --num_images $NUM_IMAGES --preset official \
+  --num_inference_steps 5 --batch_size 4
 "$PY" eval/generate.py stage2 --pretrained_model_name_or_path "$MODEL" \
   --weights_dir "$OUT/$NAME/stage2-$ANOMALY-dual" --mvtec_name $NAME --mvtec_anomaly_name $ANOMALY \
-  --output_root "$OUT/generate_data" --num_images $NUM_IMAGES --num_inference_steps 5 --scheduler dpmsolver++ --batch_size 4
+  --output_root "$OUT/generate_data" --num_images $NUM_IMAGES --preset official --num_inference_steps 5 --batch_size 4
 
-echo "== IC-LPIPS (random VGG: smoke test only) =="
+echo "== IC-LPIPS (random VGG: smoke test only; official centres: first N//3 sorted test images) =="
 "$PY" eval/compute_ic_lpips.py --gen_root "$OUT/generate_data" --class_name $NAME --mvtec_root "$DATA" \
   --num_full_centres 3 --random_vgg --resolution 64
 echo "== Inception Score (random Inception: smoke test only) =="

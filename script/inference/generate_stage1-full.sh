@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage-1 generation: N normal images of a class with the stage-1 LoRA -> generate_data/<class>/full/.
 # Override any variable from the environment, e.g. NAME=bottle NUM_IMAGES=100 bash script/inference/generate_stage1-full.sh
+# Sampler: PRESET=official (default: PNDM, 100 steps, guidance 2.5, as DualAnoDiff's inference) or fast.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.env/bin/python}
@@ -10,9 +11,12 @@ OUTPUT_DIR=${OUTPUT_DIR:-all_generate}
 LORA_DIR=${LORA_DIR:-$OUTPUT_DIR/$NAME/stage1-full}
 GEN_ROOT=${GEN_ROOT:-generate_data}
 NUM_IMAGES=${NUM_IMAGES:-500}
-SCHEDULER=${SCHEDULER:-ddim}
-STEPS=${STEPS:-50}
-GUIDANCE=${GUIDANCE:-2.5}
+# official = DualAnoDiff's inference (PNDM, 100 steps, guidance 2.5); fast = DDIM, 50 steps, 2.5.
+# SCHEDULER / STEPS / GUIDANCE, when set, override the preset's values.
+PRESET=${PRESET:-official}
+SCHEDULER=${SCHEDULER:-}
+STEPS=${STEPS:-}
+GUIDANCE=${GUIDANCE:-}
 SEED=${SEED:-0}
 BATCH_SIZE=${BATCH_SIZE:-8}
 
@@ -31,9 +35,10 @@ exec "$PY" eval/generate.py stage1 \
   --mvtec_name "$NAME" \
   --output_root "$GEN_ROOT" \
   --num_images "$NUM_IMAGES" \
-  --scheduler "$SCHEDULER" \
-  --num_inference_steps "$STEPS" \
-  --guidance_scale "$GUIDANCE" \
+  --preset "$PRESET" \
+  ${SCHEDULER:+--scheduler "$SCHEDULER"} \
+  ${STEPS:+--num_inference_steps "$STEPS"} \
+  ${GUIDANCE:+--guidance_scale "$GUIDANCE"} \
   --seed "$SEED" \
   --batch_size "$BATCH_SIZE" \
   "$@"

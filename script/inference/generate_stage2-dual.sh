@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage-2 generation: N (image, fg, mask) triplets of one defect type with the dual LoRA model
 # -> generate_data/<class>/<defect>/{image,fg,mask}/. Variables are overridable from the environment.
+# Sampler: PRESET=official (default: PNDM, 100 steps, guidance 2.5, as DualAnoDiff's inference) or fast.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.env/bin/python}
@@ -11,9 +12,12 @@ OUTPUT_DIR=${OUTPUT_DIR:-all_generate}
 WEIGHTS_DIR=${WEIGHTS_DIR:-$OUTPUT_DIR/$NAME/stage2-$ANOMALY-dual}
 GEN_ROOT=${GEN_ROOT:-generate_data}
 NUM_IMAGES=${NUM_IMAGES:-500}
-SCHEDULER=${SCHEDULER:-ddim}
-STEPS=${STEPS:-50}
-GUIDANCE=${GUIDANCE:-2.5}
+# official = DualAnoDiff's inference (PNDM, 100 steps, guidance 2.5); fast = DDIM, 50 steps, 2.5.
+# SCHEDULER / STEPS / GUIDANCE, when set, override the preset's values.
+PRESET=${PRESET:-official}
+SCHEDULER=${SCHEDULER:-}
+STEPS=${STEPS:-}
+GUIDANCE=${GUIDANCE:-}
 SEED=${SEED:-0}
 BATCH_SIZE=${BATCH_SIZE:-8}
 
@@ -34,9 +38,10 @@ exec "$PY" eval/generate.py stage2 \
   --mvtec_anomaly_name "$ANOMALY" \
   --output_root "$GEN_ROOT" \
   --num_images "$NUM_IMAGES" \
-  --scheduler "$SCHEDULER" \
-  --num_inference_steps "$STEPS" \
-  --guidance_scale "$GUIDANCE" \
+  --preset "$PRESET" \
+  ${SCHEDULER:+--scheduler "$SCHEDULER"} \
+  ${STEPS:+--num_inference_steps "$STEPS"} \
+  ${GUIDANCE:+--guidance_scale "$GUIDANCE"} \
   --seed "$SEED" \
   --batch_size "$BATCH_SIZE" \
   "$@"

@@ -5,6 +5,8 @@
 #   bash script/train/train_stage1-full.sh
 #   NAME=bottle bash script/train/train_stage1-full.sh --max_train_steps 3000
 # Demo on the tiny assets (CPU, minutes): see docs/anomaly_training.md.
+# Data handling (few-shot split, flips, resize, fg background) and the stage-2 interaction module are the
+# reference trainers' by default: see "Deviations from the reference" in docs/anomaly_training.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -4,6 +4,8 @@
 # the environment; extra flags are passed through ("$@" comes last, so it overrides the defaults below).
 #   bash script/train/train_stage2-dual.sh
 #   ANOMALY=crack bash script/train/train_stage2-dual.sh --dual_mode shared
+# Data handling (few-shot split, flips, resize, fg background) and the stage-2 interaction module are the
+# reference trainers' by default: see "Deviations from the reference" in docs/anomaly_training.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

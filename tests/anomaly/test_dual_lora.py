@@ -6,8 +6,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.dual_lora import DualLoRAUNet, load_dual_unet, normalize_lora_keys, save_dual_weights
+from models.dual_lora import (
+    DualLoRAUNet,
+    _attention_modules,
+    load_dual_unet,
+    normalize_lora_keys,
+    save_dual_weights,
+)
 
 _BASE = {}
 
@@ -125,7 +132,7 @@ def test_save_and_load_dual_unet_roundtrip(tiny_assets, tmp_path):
     from models.dual_lora import add_text_encoder_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_assets["sd15"], subfolder="unet")
-    dual = DualLoRAUNet(unet, rank=2, interaction_reduction=2)
+    dual = DualLoRAUNet(unet, rank=2, interaction_preset="light", interaction_reduction=2)
     _randomise(dual)
     te = CLIPTextModel.from_pretrained(tiny_assets["sd15"], subfolder="text_encoder")
     add_text_encoder_lora(te, rank=2)
@@ -139,6 +146,16 @@ def test_save_and_load_dual_unet_roundtrip(tiny_assets, tmp_path):
     torch.testing.assert_close(a[1], b[1])
     with pytest.raises(FileNotFoundError, match="dual_config.json"):
         load_dual_unet(tiny_assets["sd15"], tmp_path)
+    # weights saved before the presets existed (no interaction_preset key) were the light module
+    import json
+
+    cfg_path = tmp_path / "w" / "dual_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["interaction_preset"] == "light"
+    del cfg["interaction_preset"], cfg["interaction_init"]
+    cfg_path.write_text(json.dumps(cfg))
+    legacy = load_dual_unet(tiny_assets["sd15"], tmp_path / "w")
+    torch.testing.assert_close(legacy["dual_unet"](xb, xf, t, eb, ef)[0], a[0])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -158,3 +175,172 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The official (DualAnoDiff) interaction processor, written from its maths: per branch i of the "(b f)"
+# batch (f = 2: blend, fg), attention with LoRA set i on q/k/v/out; then on the stacked outputs
+#   x = temporal_o(attn_1head(temporal_q/k/v(temporal_i(LayerNorm_eps1e-6(h)))))  over the 2 branch tokens
+# of every position, and h + x.
+
+OFFICIAL_TO_OURS_INTERACTION = {
+    "n": "norm",
+    "i": "proj_in",
+    "q": "to_q",
+    "k": "to_k",
+    "v": "to_v",
+    "o": "proj_out",
+}
+
+
+def official_to_our_key(name: str, attn_path: str) -> str:
+    """A parameter name of the official LoRAAttnProcessor2_0 -> our trainable_state_dict key."""
+    import re
+
+    m = re.fullmatch(r"to_(q|k|v|out)_lora\.(\d)\.(down|up)\.weight", name)
+    if m:
+        proj = "to_out.0" if m[1] == "out" else f"to_{m[1]}"
+        return f"unet.{attn_path}.{proj}.{'lora_A' if m[3] == 'down' else 'lora_B'}.{m[2]}.weight"
+    m = re.fullmatch(r"temporal_([niqkvo])\.(weight|bias)", name)
+    assert m, name
+    return f"interactions.{attn_path.replace('.', '__')}.{OFFICIAL_TO_OURS_INTERACTION[m[1]]}.{m[2]}"
+
+
+def official_processor_params(dim: int, ctx_dim: int, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the official processor's parameter names and shapes."""
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    for branch in range(2):
+        for proj, fan_in in (("q", dim), ("k", ctx_dim), ("v", ctx_dim), ("out", dim)):
+            p[f"to_{proj}_lora.{branch}.down.weight"] = torch.randn(rank, fan_in, generator=g) * 0.3
+            p[f"to_{proj}_lora.{branch}.up.weight"] = torch.randn(dim, rank, generator=g) * 0.3
+    p["temporal_n.weight"] = 1 + 0.2 * torch.randn(dim, generator=g)
+    p["temporal_n.bias"] = 0.2 * torch.randn(dim, generator=g)
+    for k in "iqkvo":
+        p[f"temporal_{k}.weight"] = torch.randn(dim, dim, generator=g) / dim**0.5
+        p[f"temporal_{k}.bias"] = 0.2 * torch.randn(dim, generator=g)
+    return p
+
+
+def _softmax_attention(q, k, v, heads):
+    """Multi-head softmax attention, [B, N, H*d] x [B, L, H*d] -> [B, N, H*d], scale 1/sqrt(d)."""
+    b, n, c = q.shape
+    d = c // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    w = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
+    return (w @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def official_reference_forward(attn, p, hidden, context, heads):
+    """The official processor on "(b f)"-ordered inputs (hidden [(b f), N, C]; context [(b f), L, D] or None)."""
+    base = {n: getattr(attn, n).base for n in ("to_q", "to_k", "to_v")}
+    base["to_out"] = attn.to_out[0].base
+    bf, n, c = hidden.shape
+    outs = []
+    for i in range(2):
+        x = hidden[i::2]
+        ctx = x if context is None else context[i::2]
+
+        def proj(name, t, i=i):
+            lin = base[name]
+            lora = t @ p[f"{name}_lora.{i}.down.weight"].T @ p[f"{name}_lora.{i}.up.weight"].T
+            return t @ lin.weight.T + (lin.bias if lin.bias is not None else 0) + lora
+
+        o = _softmax_attention(proj("to_q", x), proj("to_k", ctx), proj("to_v", ctx), heads)
+        outs.append(proj("to_out", o))
+    h = torch.stack(outs, dim=1).reshape(bf, n, c)  # f b -> (b f)
+    x = F.layer_norm(h, (c,), p["temporal_n.weight"], p["temporal_n.bias"], eps=1e-6)
+    x = x @ p["temporal_i.weight"].T + p["temporal_i.bias"]
+    x = x.reshape(bf // 2, 2, n, c).transpose(1, 2).reshape(-1, 2, c)  # (b f) d c -> (b d) f c
+    q, k, v = (x @ p[f"temporal_{s}.weight"].T + p[f"temporal_{s}.bias"] for s in "qkv")
+    x = _softmax_attention(q, k, v, heads=1)
+    x = x @ p["temporal_o.weight"].T + p["temporal_o.bias"]
+    x = x.reshape(bf // 2, n, 2, c).transpose(1, 2).reshape(bf, n, c)  # (b d) f c -> (b f) d c
+    return h + x
+
+
+class _OneAttention(torch.nn.Module):
+    """A U-Net stand-in holding one diffusers Attention layer (SD-1.5's: no q/k/v bias, out bias)."""
+
+    def __init__(self, dim: int, heads: int, cross_dim: int | None):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.cross = cross_dim is not None
+        self.attn = Attention(
+            dim, cross_attention_dim=cross_dim, heads=heads, dim_head=dim // heads, out_bias=True
+        )
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False):
+        return (self.attn(sample, encoder_hidden_states if self.cross else None),)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("guidance_batch", [False, True])
+@torch.no_grad()
+def test_official_preset_equals_the_official_processor(cross, guidance_batch):
+    dim, heads, ctx_dim, rank, b, n, tokens = 16, 2, 12, 3, 2, 5, 4
+    torch.manual_seed(0)
+    model = _OneAttention(dim, heads, ctx_dim if cross else None)
+    dual = DualLoRAUNet(model, rank=rank, interaction_preset="official")
+    official = official_processor_params(dim, ctx_dim if cross else dim, rank, seed=1)
+    ours = dual.trainable_state_dict()
+    mapped = {official_to_our_key(k, "attn"): v for k, v in official.items()}
+    assert set(mapped) == set(ours), "every official parameter maps onto exactly one of ours"
+    dual.load_trainable_state_dict(mapped)
+
+    g = torch.Generator().manual_seed(2)
+    xb, xf = torch.randn(b, n, dim, generator=g), torch.randn(b, n, dim, generator=g)
+    eb, ef, null = (torch.randn(b, tokens, ctx_dim, generator=g) for _ in range(3))
+    if guidance_batch:  # the pipelines' classifier-free guidance batch: [uncond pairs; cond pairs]
+        xb, xf = torch.cat([xb, xb]), torch.cat([xf, xf])
+        eb, ef = torch.cat([null, eb]), torch.cat([null, ef])
+    pred_b, pred_f = dual(xb, xf, torch.tensor(0), eb, ef)
+    # official layout "(b f)": blend and fg of a sample side by side
+    hidden = torch.stack([xb, xf], dim=1).flatten(0, 1)
+    context = torch.stack([eb, ef], dim=1).flatten(0, 1) if cross else None
+    ref = official_reference_forward(model.attn, official, hidden, context, heads)
+    torch.testing.assert_close(pred_b, ref[0::2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred_f, ref[1::2], atol=1e-5, rtol=1e-5)
+    assert (ref[0::2] - ref[1::2]).abs().max() > 1e-2  # the two branches really differ
+
+
+def _interaction_param_count(dim: int, preset: str, reduction: int = 4) -> int:
+    """Closed form per attention layer: LayerNorm 2C, proj_in, q/k/v (bias only in official), proj_out."""
+    if preset == "official":
+        return 2 * dim + (dim * dim + dim) + 3 * (dim * dim + dim) + (dim * dim + dim)  # 5C^2 + 7C
+    h = dim // reduction
+    return 2 * dim + (dim * h + h) + 3 * h * h + (h * dim + dim)
+
+
+def test_interaction_presets_and_init():
+    unet = _unet()
+    dims = [attn.to_out[0].out_features for _, attn in _attention_modules(unet)]
+    for preset in ("official", "light"):
+        dual = DualLoRAUNet(_unet(), rank=2, interaction_preset=preset, interaction_init="default")
+        got = sum(p.numel() for p in dual.interactions.parameters())
+        assert got == sum(_interaction_param_count(d, preset) for d in dims), preset
+        module = next(iter(dual.interactions.values()))
+        assert module.proj_out.weight.abs().max() > 0  # default init: not zero
+        assert (module.to_q.bias is not None) == (preset == "official")
+        assert module.norm.eps == (1e-6 if preset == "official" else 1e-5)
+        assert module.heads == (
+            1 if preset == "official" else dual.unet.get_submodule(dual.attention_names[0]).heads
+        )
+    zero = DualLoRAUNet(_unet(), rank=2)  # official + zero init: the defaults
+    assert zero.config_dict()["interaction_preset"] == "official"
+    assert all(m.proj_out.weight.abs().max() == 0 for m in zero.interactions.values())
+    with pytest.raises(ValueError, match="light preset only"):
+        DualLoRAUNet(_unet(), rank=2, interaction_reduction=4)
+    with pytest.raises(ValueError, match="interaction_preset"):
+        DualLoRAUNet(_unet(), rank=2, interaction_preset="heavy")
+
+
+def test_lora_init_is_the_references():
+    """LoRA sets start as the reference's LoRALinearLayer: down ~ N(0, 1/rank), up = 0."""
+    rank = 4
+    dual = DualLoRAUNet(_unet(), rank=rank)
+    a = torch.cat([w.flatten() for n, w in dual.trainable_state_dict().items() if ".lora_A." in n])
+    b = torch.cat([w.flatten() for n, w in dual.trainable_state_dict().items() if ".lora_B." in n])
+    assert a.numel() > 1000 and abs(a.std().item() - 1 / rank) < 0.02 and abs(a.mean().item()) < 0.01
+    assert (b == 0).all()

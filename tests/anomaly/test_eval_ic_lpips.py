@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.ic_lpips import CallableSpace, LPIPSFeatureSpace, LPIPSRecomputeSpace, ic_lpips
+from datasets.mvtec import official_train_count
+from eval.ic_lpips import CallableSpace, LPIPSFeatureSpace, LPIPSRecomputeSpace, ic_lpips, nearest_centre
 from losses.lpips_vgg import build_lpips_vgg
 
 
@@ -24,6 +25,23 @@ def test_hand_checkable_case():
     assert res.cluster_means[1] == pytest.approx(34 / 6)
     assert res.cluster_means[2] is None and res.cluster_means[3] is None
     assert res.value == pytest.approx((2.0 + 34 / 6) / 2)
+
+
+def test_ties_go_to_the_last_equal_centre_as_the_official_script():
+    """The official script keeps ``max_ind = k`` whenever ``dist <= min_dist``: the last minimum wins."""
+
+    def official_assign(distances):
+        min_dist, max_ind = 999999999, None
+        for k, dist in enumerate(distances):
+            if dist <= min_dist:
+                max_ind, min_dist = k, dist
+        return max_ind
+
+    for d in ([3.0, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0], [2.0, 0.5, 3.0, 0.5], [4.0]):
+        assert nearest_centre(np.array(d)) == official_assign(d)
+    # 5 is 5 away from both centres: the second centre gets it (argmin would give the first)
+    res = ic_lpips([5.0, 5.0], [0.0, 10.0], CallableSpace(lambda a, b: abs(a - b)), show_progress=False)
+    assert res.assignment == [1, 1] and res.cluster_sizes == [0, 2]
 
 
 def test_member_cap_draws_a_seeded_subset():
@@ -114,7 +132,29 @@ def test_cli_on_tiny_assets(tiny_assets, tmp_path):
     data = json.loads((gen / "ic_lpips.json").read_text())
     hole = next(r for r in data["per_folder"] if r["defect"] == "hole")
     n_hole = len(list((tiny_assets["mvtec"] / "hazelnut" / "test" / "hole").glob("*.png")))
-    assert hole["num_centres"] == math.ceil(n_hole / 3)
+    assert hole["centres"] == "official" and hole["num_centres"] == n_hole // 3  # the official script's l
     assert summary["class_average_over_defects"] == hole["ic_lpips"]
+    split = main(["--image_dir", str(gen / "hole"), "--centres", "split", *common])
+    assert split["num_centres"] == official_train_count(n_hole) != n_hole // 3  # 6 images: 3 vs 2
     with pytest.raises(FileNotFoundError, match="defect type 'nope'"):
         main(["--image_dir", str(gen / "hole"), "--defect", "nope", *common])
+
+
+def test_official_centres_are_the_first_third_of_the_sorted_test_images(tiny_assets, tmp_path):
+    from eval.compute_ic_lpips import centre_images, parse_args
+
+    hole = sorted((tiny_assets["mvtec"] / "hazelnut" / "test" / "hole").glob("*.png"))
+    args = parse_args(["--image_dir", str(tmp_path), "--mvtec_root", str(tiny_assets["mvtec"])])
+    got = centre_images(args, "hazelnut", "hole")
+    # the official script reads '%03d.png' % k for k in range(len(os.listdir(test/<defect>)) // 3)
+    assert got == [
+        tiny_assets["mvtec"] / "hazelnut" / "test" / "hole" / f"{k:03d}.png" for k in range(len(hole) // 3)
+    ]
+    folder = tmp_path / "centres"
+    folder.mkdir()
+    for p in hole[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    args = parse_args(["--image_dir", str(tmp_path), "--centres", str(folder)])
+    assert [p.name for p in centre_images(args, "hazelnut", "hole")] == [p.name for p in hole[:4]]
+    with pytest.raises(SystemExit):
+        parse_args(["--image_dir", str(tmp_path), "--centres", str(tmp_path / "missing")])

@@ -176,3 +176,47 @@ def test_stage2_starts_from_stage1_checkpoint(stage1_run, tiny_assets, tmp_path)
     # interaction modules start as the identity (zero output projection)
     proj = [v for k, v in dual.items() if k.endswith("proj_out.weight")]
     assert proj and all(v.abs().max() < 1e-9 for v in proj)
+
+
+def test_sample_pair_noise_one_draw_in_shared_mode():
+    from train.anomaly.diffusion import sample_noise, sample_pair_noise
+
+    lat = torch.zeros(2, 4, 8, 8)
+    shared = sample_pair_noise(lat, lat + 1, torch.Generator().manual_seed(0), shared=True)
+    independent = sample_pair_noise(lat, lat + 1, torch.Generator().manual_seed(0), shared=False)
+    assert torch.equal(shared[0], shared[1])
+    assert not torch.allclose(independent[0], independent[1])
+    # the blend draw comes first either way (interrelated runs draw what they drew before)
+    assert torch.equal(independent[0], shared[0])
+    g = torch.Generator().manual_seed(0)
+    first, second = sample_noise(lat, g), sample_noise(lat, g)
+    assert torch.equal(independent[0], first) and torch.equal(independent[1], second)
+
+
+def test_stage2_shared_mode_uses_one_noise_for_both_branches(stage1_run, tiny_assets, tmp_path, monkeypatch):
+    """--dual_mode shared is the seed's stage 2: the trainer's step draws ONE noise tensor for the pair."""
+    import train.anomaly.diffusion as diffusion
+
+    seen = []
+    original = diffusion.sample_pair_noise
+
+    def recording(lat_b, lat_f, gen, shared):
+        noise = original(lat_b, lat_f, gen, shared)
+        seen.append((shared, noise))
+        return noise
+
+    monkeypatch.setattr(diffusion, "sample_pair_noise", recording)
+    out = tmp_path / "stage2-shared"
+    args = _common(tiny_assets, out, 5) + [
+        "--mvtec_anamaly_name",
+        "hole",
+        "--resume_from_checkpoint",
+        str(stage1_run / "checkpoint-4"),
+        "--dual_mode",
+        "shared",
+    ]
+    args.remove("--use_dinov2_loss")  # no DINOv2 term: only the noise matters here
+    assert _load_main("train/stage2-dual/train.py")(args) == 0
+    assert seen and all(shared for shared, _ in seen)
+    assert all(torch.equal(noise[0], noise[1]) for _, noise in seen)
+    assert json.loads((out / "dual_config.json").read_text())["dual_mode"] == "shared"

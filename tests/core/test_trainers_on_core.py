@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import subprocess
@@ -146,7 +145,7 @@ def test_two_processes_on_cpu(name, tiny_assets, tmp_path):
     run(name, tiny_assets, single)
     lr1 = [r["lr"] for r in log_rows(single)]
     assert [r["lr"] for r in rows] == pytest.approx(lr1, rel=1e-9)
-    assert lr1[-1] > 0 and not math.isclose(lr1[0], lr1[-1])
+    assert len(set(lr1)) == STEPS  # warm-up then cosine: a different LR at every step
     # a 1-process run resumes the 2-process checkpoint
     run(name, tiny_assets, out, steps=STEPS + 1, resume="latest")
     assert [r["step"] for r in log_rows(out)] == list(range(1, STEPS + 2))

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from datasets.mvtec import FLIP_MODES, SPLIT_RULES
+from datasets.mvtec import FG_BACKGROUNDS, FLIP_MODES, RESIZE_MODES, SPLIT_RULES
 from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
-from models.dual_lora import DUAL_MODES
+from models.dual_lora import DUAL_MODES, INTERACTION_INITS, INTERACTION_PRESETS
+from models.schedulers import SCHEDULERS
 from train.core.config import add_core_args
 
 DINOV2_CHOICES = (
@@ -45,8 +46,16 @@ def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
     g.add_argument(
         "--flip",
         choices=FLIP_MODES,
-        default="horizontal",
-        help="Random flips (image, mask and fg get the same ones). 'both' adds vertical flips.",
+        default=None,
+        help="Random flips, probability 0.5 each (image, mask and fg get the same ones): h = horizontal, "
+        "hv = horizontal and vertical, none. Default: the reference's (hv; none for cable).",
+    )
+    g.add_argument(
+        "--resize_mode",
+        choices=RESIZE_MODES,
+        default="bilinear",
+        help="bilinear: the reference's resize (PIL bilinear of the shorter side, as transforms.Resize); "
+        "bicubic_center_crop: torch bicubic (antialiased) + centre crop, this repository's earlier resize.",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
@@ -83,6 +92,15 @@ def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
     g.add_argument("--validation_steps", type=int, default=500, help="Steps between validation samples.")
     g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
     g.add_argument("--validation_inference_steps", type=int, default=25, help="Sampler steps for validation.")
+    g.add_argument(
+        "--validation_scheduler", choices=SCHEDULERS, default="dpmsolver++", help="Sampler for validation."
+    )
+    g.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=2.5,
+        help="Classifier-free guidance of the validation samples (2.5: the reference's inference value).",
+    )
 
     g = parser.add_argument_group("DINOv2 perceptual loss")
     g.add_argument("--use_dinov2_loss", action="store_true", help="Add the DINOv2 perceptual loss.")
@@ -196,10 +214,26 @@ def stage2_parser() -> argparse.ArgumentParser:
         "(one LoRA, no interaction), for ablation.",
     )
     parser.add_argument(
+        "--interaction_preset",
+        choices=INTERACTION_PRESETS,
+        default="official",
+        help="Branch-interaction module after every attention layer. official: DualAnoDiff's (single-head "
+        "attention over the 2 branches, width C, q/k/v with bias, LayerNorm eps 1e-6; ~124 M parameters on "
+        "SD-1.5); light: this repository's smaller one (width C / --interaction_reduction, attn.heads heads, "
+        "no q/k/v bias; ~16 M).",
+    )
+    parser.add_argument(
+        "--interaction_init",
+        choices=INTERACTION_INITS,
+        default="zero",
+        help="zero: output projection zero-initialised, so stage 2 starts exactly as the stage-1 model; "
+        "default: PyTorch's default init everywhere (the reference's).",
+    )
+    parser.add_argument(
         "--interaction_reduction",
         type=int,
-        default=4,
-        help="Interaction q/k/v width = attention width / this.",
+        default=None,
+        help="light preset only: interaction q/k/v width = attention width / this (default 4).",
     )
     parser.add_argument(
         "--interaction_learning_rate",
@@ -210,9 +244,16 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split_rule",
         choices=SPLIT_RULES,
-        default="ceil",
-        help="Few-shot split: ceil = first ceil(N/3) images train, rest held out; original = the "
-        "original code's rule (overlaps train and held-out by one when N %% 3 != 0).",
+        default="official",
+        help="Few-shot split of the N sorted defect images: official = the first N//3 (+1 if N//3 is "
+        "not a multiple of 3) train, as the reference code; ceil = the first ceil(N/3). The rest is held out.",
+    )
+    parser.add_argument(
+        "--fg_background",
+        choices=tuple(FG_BACKGROUNDS),
+        default="grey",
+        help="fg-branch image outside the mask: grey (0 in [-1, 1], the references' image x mask) or black "
+        "(-1). Generation reads it from the weights' dual_config.json for mask extraction.",
     )
     parser.add_argument(
         "--dinov2_on_fg", action="store_true", help="Apply the DINOv2 loss to the fg branch too."
@@ -244,6 +285,10 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
     need(
+        args.validation_guidance_scale >= 1.0,
+        "--validation_guidance_scale must be >= 1 (1 disables guidance)",
+    )
+    need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
         f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",
     )
@@ -260,8 +305,16 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         len(set(args.dinov2_feature_layers)) == len(args.dinov2_feature_layers),
         "--dinov2_feature_layers has duplicates",
     )
-    if getattr(args, "interaction_reduction", 1) < 1:
-        raise SystemExit("error: --interaction_reduction must be >= 1")
+    if hasattr(args, "interaction_preset"):
+        if args.interaction_preset == "official":
+            need(
+                args.interaction_reduction in (None, 1),
+                "--interaction_reduction applies to --interaction_preset light only (official has width C)",
+            )
+            args.interaction_reduction = 1
+        elif args.interaction_reduction is None:
+            args.interaction_reduction = 4
+        need(args.interaction_reduction >= 1, "--interaction_reduction must be >= 1")
     if args.report_to in ("none", ""):
         args.report_to = None
     return args

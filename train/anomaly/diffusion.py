@@ -7,7 +7,7 @@ from torch import nn
 
 from losses.diffusion_target import noisy_and_target
 
-__all__ = ["encode_images", "noisy_and_target", "sample_noise", "sample_timesteps"]
+__all__ = ["encode_images", "noisy_and_target", "sample_noise", "sample_pair_noise", "sample_timesteps"]
 
 
 @torch.no_grad()
@@ -29,3 +29,16 @@ def sample_timesteps(
 
 def sample_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def sample_pair_noise(
+    latents_blend: torch.Tensor, latents_fg: torch.Tensor, generator: torch.Generator, shared: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise of a stage-2 (blend, fg) pair: independent draws (DualAnoDiff), or ONE draw used by both
+    branches (``shared``: the seed's stage 2, ``--dual_mode shared``)."""
+    noise_blend = sample_noise(latents_blend, generator)
+    if shared:
+        if latents_fg.shape != latents_blend.shape:
+            raise ValueError(f"branch latents differ in shape: {latents_blend.shape} vs {latents_fg.shape}")
+        return noise_blend, noise_blend
+    return noise_blend, sample_noise(latents_fg, generator)

@@ -1,4 +1,9 @@
-"""Validation samples during training (PNG grid under <output_dir>/validation/ + TensorBoard)."""
+"""Validation samples during training (PNG grid under <output_dir>/validation/ + TensorBoard).
+
+Sampler and guidance come from the flags (``--validation_scheduler``, ``--validation_inference_steps``,
+``--validation_guidance_scale``); stage 2 samples with the generation code's sampler
+(:func:`eval.generate.sample_pairs`), sample ``i`` with seed ``--seed + i``.
+"""
 
 from __future__ import annotations
 
@@ -30,14 +35,16 @@ def validate_stage1(
     noise_scheduler,
     step: int,
 ) -> Path:
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
+
+    from models.schedulers import make_scheduler
 
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        scheduler=make_scheduler(args.validation_scheduler, noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -48,6 +55,7 @@ def validate_stage1(
         args.validation_prompt,
         num_images_per_prompt=args.num_validation_images,
         num_inference_steps=args.validation_inference_steps,
+        guidance_scale=args.validation_guidance_scale,
         generator=gen,
         output_type="pt",
         height=args.resolution,
@@ -61,55 +69,6 @@ def validate_stage1(
 
 
 @torch.no_grad()
-def sample_dual(
-    dual_unet: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer,
-    vae: nn.Module,
-    noise_scheduler,
-    prompt_blend: str,
-    prompt_fg: str,
-    num_images: int,
-    steps: int,
-    guidance_scale: float,
-    resolution: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint DDIM sampling of both branches (interaction active) with classifier-free guidance."""
-    from diffusers import DDIMScheduler
-
-    from train.anomaly.components import encode_prompt, tokenize
-
-    device = dual_unet.device
-    sched = DDIMScheduler.from_config(noise_scheduler.config)
-    sched.set_timesteps(steps, device=device)
-
-    def emb(p: str) -> torch.Tensor:
-        return encode_prompt(text_encoder, tokenize(tokenizer, p)).expand(num_images, -1, -1)
-
-    e_blend, e_fg, e_null = emb(prompt_blend), emb(prompt_fg), emb("")
-    shape = (num_images, 4, resolution // 8, resolution // 8)
-    lat_b = torch.randn(shape, generator=generator).to(device) * sched.init_noise_sigma
-    lat_f = torch.randn(shape, generator=generator).to(device) * sched.init_noise_sigma
-    for t in sched.timesteps:
-        cb, cf = dual_unet(
-            torch.cat([lat_b, lat_b]),
-            torch.cat([lat_f, lat_f]),
-            t,
-            torch.cat([e_null, e_blend]),
-            torch.cat([e_null, e_fg]),
-        )
-        ub, tb = cb.chunk(2)
-        uf, tf = cf.chunk(2)
-        lat_b = sched.step(ub + guidance_scale * (tb - ub), t, lat_b).prev_sample
-        lat_f = sched.step(uf + guidance_scale * (tf - uf), t, lat_f).prev_sample
-    sf = vae.config.scaling_factor
-    blend = vae.decode(lat_b.to(vae.dtype) / sf).sample.float().clamp(-1, 1)
-    fg = vae.decode(lat_f.to(vae.dtype) / sf).sample.float().clamp(-1, 1)
-    return blend, fg
-
-
-@torch.no_grad()
 def validate_stage2(
     accelerator,
     args,
@@ -120,22 +79,27 @@ def validate_stage2(
     noise_scheduler,
     step: int,
 ) -> Path:
+    from eval.generate import sample_pairs
+
+    components = {
+        "dual_unet": dual_unet,
+        "vae": vae,
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "scheduler": noise_scheduler,
+    }
     was_training = dual_unet.training
     dual_unet.eval()
     try:
-        blend, fg = sample_dual(
-            dual_unet,
-            text_encoder,
-            tokenizer,
-            vae,
-            noise_scheduler,
+        blend, fg = sample_pairs(
+            components,
             args.instance_prompt_blend,
             args.instance_prompt_fg,
-            args.num_validation_images,
-            args.validation_inference_steps,
-            2.5,
-            args.resolution,
-            torch.Generator().manual_seed(args.seed),
+            [args.seed + i for i in range(args.num_validation_images)],
+            scheduler=args.validation_scheduler,
+            num_inference_steps=args.validation_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            resolution=args.resolution,
         )
     finally:
         dual_unet.train(was_training)

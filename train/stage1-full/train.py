@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = core_config_from_args(args, "stage1-full")
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    dataset = MVTecGoodDataset(args.instance_data_dir, args.mvtec_name, args.resolution, flip=args.flip)
+    dataset = MVTecGoodDataset(
+        args.instance_data_dir, args.mvtec_name, args.resolution, flip=args.flip, resize_mode=args.resize_mode
+    )
     logger.info("%d train/good images of %s", len(dataset), args.mvtec_name)
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (

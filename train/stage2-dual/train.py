@@ -8,10 +8,11 @@
         --rank 32 --train_text_encoder --use_dinov2_loss --dinov2_loss_weight 0.1 --dinov2_model_name vitb14 \
         --dinov2_loss_type l2 --dinov2_feature_layers 3 6 9 11
 
-Each sample is a pair sharing flips and timestep with independent noise: blend = the anomalous image with
-the blend prompt, fg = image x mask (black elsewhere) with the fg prompt. Starting from a stage-1
-checkpoint copies its LoRA into both branch sets (and its text-encoder LoRA); the interaction modules start
-at zero (identity), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
+Each sample is a pair sharing flips and timestep: blend = the anomalous image with the blend prompt, fg =
+image x mask (grey elsewhere, --fg_background) with the fg prompt; independent noise per branch (one noise
+for both with --dual_mode shared, the seed's stage 2). Starting from a stage-1 checkpoint copies its LoRA
+into both branch sets (and its text-encoder LoRA); the interaction modules start as the identity
+(--interaction_init zero), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
 dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
 load them with ``models.dual_lora.load_dual_unet``.
 """
@@ -45,7 +46,12 @@ from train.anomaly.components import (  # noqa: E402
     read_stage1_lora,
     tokenize,
 )
-from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
+from train.anomaly.diffusion import (  # noqa: E402
+    encode_images,
+    noisy_and_target,
+    sample_pair_noise,
+    sample_timesteps,
+)
 from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
 from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
 from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
@@ -123,14 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         args.resolution,
         split_rule=args.split_rule,
         flip=args.flip,
+        resize_mode=args.resize_mode,
+        fg_background=args.fg_background,
     )
     logger.info(
-        "%s/%s: %d training pairs, %d held out (split rule %s)",
+        "%s/%s: %d training pairs, %d held out (split rule %s); flips %s, resize %s, fg background %s",
         args.mvtec_name,
         args.mvtec_anomaly_name,
         len(dataset),
         len(dataset.held_out),
         args.split_rule,
+        dataset.flip,
+        args.resize_mode,
+        args.fg_background,
     )
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, flag in (
             ("dual_mode", args.dual_mode),
             ("rank", args.rank),
+            ("interaction_preset", args.interaction_preset),
             ("interaction_reduction", args.interaction_reduction),
         ):
             if dual_cfg[key] != flag:
@@ -163,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         te_lora = args.train_text_encoder
     dual = DualLoRAUNet(
-        unet, rank=args.rank, dual_mode=args.dual_mode, interaction_reduction=args.interaction_reduction
+        unet,
+        rank=args.rank,
+        dual_mode=args.dual_mode,
+        interaction_reduction=args.interaction_reduction,
+        interaction_preset=args.interaction_preset,
+        interaction_init=args.interaction_init,
     )
     if stage1_ckpt is not None:
         unet_sd, te_lora_state = read_stage1_lora(stage1_ckpt)
@@ -258,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "instance_prompt_blend": args.instance_prompt_blend,
         "instance_prompt_fg": args.instance_prompt_fg,
         "resolution": args.resolution,
+        "fg_background": args.fg_background,
         "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
         "stage1_checkpoint": str(stage1_ckpt) if stage1_ckpt else None,
     }
@@ -301,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         lat_b = encode_images(vae, pixels, gen)
         lat_f = encode_images(vae, fg_pixels, gen)
         t = sample_timesteps(b, noise_scheduler.config.num_train_timesteps, gen, device)  # shared by the pair
-        noisy_b, tgt_b = noisy_and_target(noise_scheduler, lat_b, sample_noise(lat_b, gen), t)
-        noisy_f, tgt_f = noisy_and_target(noise_scheduler, lat_f, sample_noise(lat_f, gen), t)  # own noise
+        noise_b, noise_f = sample_pair_noise(lat_b, lat_f, gen, shared=args.dual_mode == "shared")
+        noisy_b, tgt_b = noisy_and_target(noise_scheduler, lat_b, noise_b, t)
+        noisy_f, tgt_f = noisy_and_target(noise_scheduler, lat_f, noise_f, t)
         if fixed is not None:
             e_b, e_f = fixed
         else:

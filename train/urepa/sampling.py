@@ -14,29 +14,23 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("dpmsolver++", "ddim", "ddpm")
+from models.schedulers import SCHEDULERS as SAMPLERS  # noqa: F401  (re-exported for the CLIs)
+from models.schedulers import make_scheduler as _make_scheduler
+from models.schedulers import step_kwargs
+
+_PREDICTION_TYPES = {"v": "v_prediction", "epsilon": "epsilon"}
 
 
 def make_scheduler(base_config: dict[str, Any], sampler: str, prediction: str):
-    """A diffusers scheduler for ``sampler`` built from the model's scheduler config.
+    """The shared sampler factory (:func:`models.schedulers.make_scheduler`) for a U-REPA model.
 
     ``prediction`` is the training target ("v" or "epsilon"); the scheduler must know it to turn model
-    outputs into x0/eps. "ddpm" is the ancestral 1000-step sampler usually run with 250 respaced steps.
+    outputs into x0/eps.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    prediction_type = {"v": "v_prediction", "epsilon": "epsilon"}.get(prediction)
+    prediction_type = _PREDICTION_TYPES.get(prediction)
     if prediction_type is None:
         raise ValueError(f"prediction must be 'v' or 'epsilon', got {prediction!r}")
-    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
-    config["prediction_type"] = prediction_type
-    if sampler == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(config)
-    if sampler == "ddpm":
-        return DDPMScheduler.from_config(config)
-    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    return _make_scheduler(sampler, base_config, prediction_type)
 
 
 def guidance_active(
@@ -85,7 +79,7 @@ def sample_latents(
             out = out_uncond + cfg_scale * (out_cond - out_uncond)
         else:
             out = denoise(x_in, t_batch, cond).float()
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, **step_kwargs(scheduler, generator)).prev_sample
     return x
 
 
