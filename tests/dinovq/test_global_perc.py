@@ -225,7 +225,7 @@ def test_inplace_relu_does_not_corrupt_the_target(net):
         import torchvision
 
         torch.manual_seed(0)
-        model = torchvision.models.vgg16(weights=None).features[:16]  # conv1_1 .. relu3_3, random weights
+        model = torchvision.models.vgg16(weights=None).features  # the usual loss network, random weights
         size = 32
     else:
         model = inplace_cnn(inplace=True)
