@@ -126,6 +126,16 @@ def adm_spatial_features(mixed_6_conv: torch.Tensor) -> torch.Tensor:
     return mixed_6_conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
 
+def _place(path: Path, link: Path) -> None:
+    """``link`` -> ``path`` (a symlink; a copy where the file system has none)."""
+    try:
+        link.symlink_to(path.resolve())
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, link)
+
+
 @contextlib.contextmanager
 def _file_as(path: Path, name: str) -> Iterator[Path]:
     """A directory holding ``path`` under ``name`` (its own directory, or a temporary one with a link)."""
@@ -133,13 +143,7 @@ def _file_as(path: Path, name: str) -> Iterator[Path]:
         yield path.parent
         return
     with tempfile.TemporaryDirectory(prefix="inception_") as tmp:
-        link = Path(tmp) / name
-        try:
-            link.symlink_to(path.resolve())
-        except OSError:  # no symlinks (some file systems): a copy does the same
-            import shutil
-
-            shutil.copyfile(path, link)
+        _place(path, Path(tmp) / name)
         yield Path(tmp)
 
 
@@ -148,14 +152,13 @@ def _torch_hub_checkpoint(path: Path, name: str) -> Iterator[None]:
     """Make ``torch.hub.load_state_dict_from_url(<url ending in name>)`` find ``path`` (no download)."""
     with tempfile.TemporaryDirectory(prefix="torch_hub_") as hub:
         (Path(hub) / "checkpoints").mkdir()
-        with _file_as(path, name) as folder:
-            os.symlink(folder / name, Path(hub) / "checkpoints" / name)
-            previous = torch.hub._hub_dir  # restored as it was (None = follow $TORCH_HOME)
-            torch.hub.set_dir(hub)
-            try:
-                yield
-            finally:
-                torch.hub._hub_dir = previous
+        _place(path, Path(hub) / "checkpoints" / name)
+        previous = torch.hub._hub_dir  # restored as it was (None = follow $TORCH_HOME)
+        torch.hub.set_dir(hub)
+        try:
+            yield
+        finally:
+            torch.hub._hub_dir = previous
 
 
 class CleanFIDInception:
