@@ -225,3 +225,27 @@ def test_perlin_anomaly_is_seeded_and_only_touches_the_mask():
     for op in TEXTURE_OPS:
         out = op(texture, np.random.default_rng(0))
         assert out.dtype == torch.uint8 and out.shape == texture.shape
+
+
+def test_segmentation_loss_optional_terms():
+    import argparse
+
+    from eval.downstream.localization import segmentation_loss
+    from losses.focal import focal_loss
+    from models.draem_segmentation import DiscriminativeSubNetwork
+    from train.dinovq.evaluate import ssim
+
+    torch.manual_seed(0)
+    model = DiscriminativeSubNetwork(3, 2, 4).eval()
+    batch = {"image": torch.rand(2, 3, 32, 32), "mask": (torch.rand(2, 1, 32, 32) > 0.8).float()}
+    probs = model(batch["image"]).softmax(1)
+    focal = focal_loss(probs, batch["mask"])
+    l1 = (probs[:, 1:] - batch["mask"]).abs().mean()
+    s = 1 - ssim(probs[:, 1:], batch["mask"]).mean()
+    args = argparse.Namespace(focal_gamma=2.0, l1_weight=0.0, ssim_weight=0.0)
+    loss, logs = segmentation_loss(args)(model, batch)
+    assert loss.item() == pytest.approx(focal.item(), rel=1e-6) and set(logs) == {"loss_focal"}
+    args = argparse.Namespace(focal_gamma=2.0, l1_weight=0.5, ssim_weight=0.25)
+    loss, logs = segmentation_loss(args)(model, batch)
+    assert loss.item() == pytest.approx((focal + 0.5 * l1 + 0.25 * s).item(), rel=1e-5)
+    assert set(logs) == {"loss_focal", "loss_l1", "loss_ssim"}
