@@ -105,7 +105,11 @@ class DualAnoDiffPipeline(DiffusionPipeline):
             raise ValueError("num_images and batch_size must be >= 1")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        params = mask_params if mask_params is not None else MaskParams()
+        from eval.generate import LEGACY_FG_BACKGROUND
+
+        # the fg background the weights were trained with (grey by default; older weights: black)
+        background = self.weights_config.get("fg_background", LEGACY_FG_BACKGROUND)
+        params = mask_params if mask_params is not None else MaskParams(background=background)
         components = {
             "dual_unet": self.unet,
             "vae": self.vae,

@@ -90,8 +90,8 @@ def test_shared_mode_exports_the_single_set(tiny_assets, tmp_path):
 def test_pipeline_gives_the_cli_triplets(tiny_assets, trained, tmp_path):
     from PIL import Image
 
-    from eval.generate import main
-    from eval.mask_extraction import extract_mask
+    from eval.generate import LEGACY_FG_BACKGROUND, main
+    from eval.mask_extraction import MaskParams, extract_mask
     from models.dual_anodiff_pipeline import DualAnoDiffPipeline
 
     _, _, weights_dir = trained
@@ -102,8 +102,11 @@ def test_pipeline_gives_the_cli_triplets(tiny_assets, trained, tmp_path):
     assert len(out.images) == len(out.fg_images) == len(out.masks) == 2
     assert out.images[0].size == (64, 64) and out.masks[0].mode == "L"
     assert set(np.unique(np.asarray(out.masks[1]))) <= {0, 255}
+    # these weights were saved without --fg_background (older files): the black background they imply
+    background = pipe.weights_config.get("fg_background", LEGACY_FG_BACKGROUND)
+    assert background == "black"
     for fg, mask in zip(out.fg_images, out.masks):
-        assert np.array_equal(np.asarray(mask) > 0, extract_mask(fg))
+        assert np.array_equal(np.asarray(mask) > 0, extract_mask(fg, MaskParams(background=background)))
 
     cli = main(
         [
