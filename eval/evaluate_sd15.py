@@ -96,6 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Inception weights file (inception-2015-12-05.pt or pytorch-fid .pth); default: known caches. "
         "'random' uses random weights (smoke tests only: the numbers mean nothing).",
     )
+    f.add_argument(
+        "--fid_mode",
+        choices=("clean", "legacy_pytorch"),
+        default=None,
+        help="clean-fid mode (FID/sFID go through clean-fid's resizer and feature extractor); default: the mode "
+        "the weight file serves (TorchScript inception-2015-12-05.pt: clean; pytorch-fid .pth: legacy_pytorch).",
+    )
+    f.add_argument(
+        "--fid_num_workers", type=int, default=0, help="DataLoader workers reading the reference images."
+    )
     a = p.add_argument_group("alignment (optional)")
     a.add_argument(
         "--align_csv", default=None, help="Sample CSV for the alignment analysis (e.g. a held-out subset)."
@@ -179,13 +189,18 @@ class LoadedModel:
 
 
 def load_inception_for(args: argparse.Namespace):
-    from eval.inception import build_random_inception, load_inception
+    """clean-fid's Inception (``eval.inception.CleanFIDInception``) and an id for the statistics cache."""
+    import tempfile
+
+    from eval.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
 
     if args.inception_path == "random":
         logger.warning("--inception_path random: random Inception weights, FID/sFID values are meaningless")
-        return build_random_inception(device=args.device), "random"
-    net = load_inception(args.inception_path, device=args.device)  # MissingWeightsError names the file
-    return net.eval(), str(args.inception_path or "default-cache")
+        with tempfile.TemporaryDirectory() as tmp:  # loaded into memory, the file is not needed afterwards
+            path = write_random_torchscript_inception(Path(tmp) / TORCHSCRIPT_FILENAME)
+            return load_inception(path, device=args.device, mode=args.fid_mode), "random"
+    net = load_inception(args.inception_path, device=args.device, mode=args.fid_mode)  # MissingWeightsError
+    return net, net.id
 
 
 def evaluate_fid(lm: LoadedModel, args, inception, ref) -> dict[str, float]:
@@ -199,7 +214,7 @@ def evaluate_fid(lm: LoadedModel, args, inception, ref) -> dict[str, float]:
             idx = classes[start : start + args.batch_size]
             yield to_uint8_range(lm.generate(idx, args, offset=start))
 
-    return fid_from_stats(inception_stats(batches(), inception, args.device), ref)
+    return fid_from_stats(inception_stats(batches(), inception), ref)
 
 
 @torch.no_grad()
@@ -286,14 +301,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.ref_resolution or lm.resolution,
                     args.num_ref or None,
                     args.stats_cache,
-                    device=args.device,
                     inception_id=inception_id,
+                    num_workers=args.fid_num_workers,
                 )
             result.update(
                 evaluate_fid(lm, args, inception, ref),
                 num_samples=args.num_samples,
                 num_ref=args.num_ref,
                 inception=inception_id,
+                fid_mode=inception.mode,
             )
         if args.align_csv:
             from eval.alignment import svcca_score, tsne_plot

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's demo: every pipeline end to end on the embedded tiny assets, offline, on CPU.
-# Each system has its own script (run alone too); set SKIP_ANOMALY=1, SKIP_DINOVQ=1 or SKIP_UREPA=1 to
-# leave one out. Outputs: outputs/demo/foundation, outputs/demo_anomaly, outputs/demo_dinovq,
-# outputs/demo_urepa. LPIPS/Inception run with random weights here (none are downloadable offline):
-# their numbers only show that the code runs; see the README for real weights.
+# Each system has its own script (run alone too); set SKIP_ANOMALY=1, SKIP_DOWNSTREAM=1, SKIP_DINOVQ=1 or
+# SKIP_UREPA=1 to leave one out. Outputs: outputs/demo/foundation, outputs/demo_anomaly,
+# outputs/demo_downstream, outputs/demo_dinovq, outputs/demo_urepa. LPIPS/Inception (and the downstream
+# ResNet-34) run with random weights here (none are downloadable offline): their numbers only show that the
+# code runs; see the README for real weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON="${PYTHON:-.env/bin/python}"
@@ -19,6 +20,11 @@ echo "== foundation: pipeline load + 2-step sample, DINOv2 adapter from an offic
 if [ -z "${SKIP_ANOMALY:-}" ]; then
   echo "== anomaly generation: stage 1 -> stage 2 -> image/mask generation -> IC-LPIPS and IS"
   bash script/demo_anomaly.sh
+fi
+
+if [ -z "${SKIP_DOWNSTREAM:-}" ]; then
+  echo "== downstream evaluation: localization U-Net (generated + Perlin baseline), ResNet-34 classifier, table"
+  bash script/demo_downstream.sh
 fi
 
 if [ -z "${SKIP_DINOVQ:-}" ]; then

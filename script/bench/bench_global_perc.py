@@ -84,8 +84,11 @@ def naive_loss(model, cfg, pred, target):
     finally:
         for h in handles:
             h.remove()
-    w = weight_curve(len(mods), cfg.start_weight, cfg.end_weight, cfg.curve_force)
-    terms = [w[k] * cfg.loss_func(p, t) for (k, p), (_, t) in zip(preds, targets)]
+    slot: dict[int, int] = {}  # weight slots in firing order (GlobalPercLoss's default, as the reference)
+    for k, _ in targets:
+        slot.setdefault(k, len(slot))
+    w = weight_curve(len(slot), cfg.start_weight, cfg.end_weight, cfg.curve_force)
+    terms = [w[slot[k]] * cfg.loss_func(p, t) for (k, p), (_, t) in zip(preds, targets)]
     return torch.stack(terms).sum() / len(terms)
 
 

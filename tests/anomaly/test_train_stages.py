@@ -161,6 +161,9 @@ def test_stage2_starts_from_stage1_checkpoint(stage1_run, tiny_assets, tmp_path)
     assert _load_main("train/stage2-dual/train.py")(args) == 0
     assert sorted(_losses(out)) == [5], "the step count continues from the stage-1 checkpoint (4)"
     assert (out / "checkpoint-5" / "dual_config.json").is_file()
+    # per-branch diffusers LoRA files for stock pipelines (loading them: tests/anomaly/test_dual_export.py)
+    assert (out / "pytorch_lora_weights_blend.safetensors").is_file()
+    assert (out / "pytorch_lora_weights_fg.safetensors").is_file()
     config = json.loads((out / "dual_config.json").read_text())
     assert config["stage_start_step"] == 4 and config["dual_mode"] == "interrelated"
     unet_sd, te_sd = read_stage1_lora(stage1_run / "checkpoint-4")

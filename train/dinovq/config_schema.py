@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from losses.patchgan import D_LOSSES
+from losses.patchgan import D_LOSSES, G_LOSSES
 from utils.config import ConfigSection
 
 NonNegative = Annotated[float, Field(ge=0.0)]
@@ -50,6 +50,8 @@ class ModelSection(ConfigSection):
     ema_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99
     threshold_ema_dead_code: NonNegativeInt = 2
     disc_loss: Literal[tuple(D_LOSSES)] = "hinge"
+    # generator loss form; null: taming -mean(D) with hinge, softplus(-D) with vanilla (losses/patchgan.py)
+    gen_loss: Literal[tuple(G_LOSSES)] | None = None
     in_channels: PositiveInt = 3
 
 

@@ -354,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             extra=extra,
         )
+        from models.dual_lora import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
+
+        export_branch_loras(
+            accelerator.unwrap_model(dual_p),
+            accelerator.unwrap_model(text_encoder) if te_lora else None,
+            args.output_dir,
+        )
         logger.info("final dual weights in %s", args.output_dir)
 
     def validate(step):
