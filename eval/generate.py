@@ -139,13 +139,12 @@ def pending_indices(num_images: int, done) -> list[int]:
 def load_stage1_pipeline(args: argparse.Namespace):
     from diffusers import StableDiffusionPipeline
 
-    from utils.weights import require_dir, resolve_hf_path
+    from utils.weights import require_dir, resolve_hf_path, sd15_how_to_get
 
     base = resolve_hf_path(
         args.pretrained_model_name_or_path,
         "Stable Diffusion 1.5 base model",
-        "Download runwayml/stable-diffusion-v1-5 (diffusers layout) to models/stable-diffusion-v1-5, "
-        "or run the demo (bash script/demo_anomaly.sh) for tiny assets.",
+        sd15_how_to_get(),
         required_files=("model_index.json",),
     )
     lora_dir = require_dir(

@@ -26,14 +26,11 @@ from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_by
 from datasets.sample_csv import SampleRow, read_sample_csv
 from utils.images import load_rgb
 from utils.logging import get_logger, progress
-from utils.weights import MissingWeightsError, resolve_hf_path
+from utils.weights import SD15_LOCAL_DIR, MissingWeightsError, resolve_hf_path, sd15_how_to_get
 
 logger = get_logger("preprocessing")
 
-SD15_HOW_TO_GET = (
-    "Download Stable Diffusion 1.5 on a machine with network (`huggingface-cli download "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5`) and pass the local directory or copy the HF cache here."
-)
+SD15_HOW_TO_GET = sd15_how_to_get()
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -451,7 +448,7 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
 def add_vae_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(
         "--pretrained_model_name_or_path",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        default=SD15_LOCAL_DIR,
         help="SD-1.5 pipeline directory (or a hub id in the local HF cache); the VAE is read from its "
         "`vae/` subfolder, or from the directory itself if it is a VAE directory.",
     )

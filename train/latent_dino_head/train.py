@@ -1,6 +1,6 @@
 """Distil a latent-space patch head for DINOv2: SD latents in, DINOv2 features of the real image out.
 
-    python train/latent_dino_head/train.py --sd_path runwayml/stable-diffusion-v1-5 \
+    python train/latent_dino_head/train.py --sd_path models/stable-diffusion-v1-5 \
         --dino_source facebook/dinov2-small --dino_variant vits14 --resolution 224 \
         --data_dir /data/imagenet --output_dir outputs/latent_dino_head --max_steps 20000
 
@@ -88,7 +88,7 @@ def load_vae(sd_path: str, device: torch.device):
     root = resolve_hf_path(
         sd_path,
         "Stable Diffusion 1.5 (for its VAE)",
-        "Download runwayml/stable-diffusion-v1-5 (diffusers format) into the HF cache or pass a local dir.",
+        "Download stable-diffusion-v1-5/stable-diffusion-v1-5 (diffusers format) into the HF cache or pass a local dir.",
         required_files=("vae/config.json",),
     )
     return AutoencoderKL.from_pretrained(root, subfolder="vae").to(device).eval().requires_grad_(False)
