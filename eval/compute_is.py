@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from eval.ic_lpips import list_generated_images  # noqa: E402
 from eval.inception import build_random_inception, load_inception, resize_like_tf  # noqa: E402
 from eval.metrics_is import inception_score  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.images import load_rgb  # noqa: E402
 from utils.logging import get_logger, progress  # noqa: E402
 
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -521,8 +521,20 @@ def run_cli_job(
     """What every cache CLI does once its flags are parsed: pick this job's rows, build the encoders
     (``make_encoders(device) -> [(encoder, output_dir)]``), print the storage estimate, open one writer per
     cache and run the job."""
-    rows, mine, num_shards, shard_index, image_root = job_rows(args)
-    encoders = make_encoders(resolve_device(args))
+    from utils.cli import USER_ERRORS, raise_if_problems
+
+    problems: list[
+        str | BaseException
+    ] = []  # the CSV and the weights are both checked, then reported together
+    try:
+        rows, mine, num_shards, shard_index, image_root = job_rows(args)
+    except (*USER_ERRORS, ValueError) as err:
+        problems.append(err if isinstance(err, USER_ERRORS) else f"{args.csv}: {err}")
+    try:
+        encoders = make_encoders(resolve_device(args))
+    except USER_ERRORS as err:
+        problems.append(err)
+    raise_if_problems(problems)
     print_storage_estimate([e for e, _ in encoders], len(rows), len(mine))
     wid = writer_id(num_shards, shard_index)
     targets = [

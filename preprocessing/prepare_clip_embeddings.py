@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from preprocessing.cache_jobs import MODEL_DTYPES, SD15_HOW_TO_GET  # noqa: E402
 from preprocessing.sample_imagenet_subset import DEFAULT_CLASS_INDEX, load_class_index  # noqa: E402
 from utils.checkpoint import save_safetensors_atomic, torch_save_atomic  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import progress  # noqa: E402
 from utils.weights import SD15_LOCAL_DIR, resolve_hf_path  # noqa: E402
 
@@ -130,4 +131,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -45,11 +45,18 @@ class UserError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, MissingWeightsError, FileNotFoundError)
 
 
-def raise_if_problems(problems: Sequence[str], what: str = "cannot start") -> None:
-    """Raise one ``UserError`` listing every problem (nothing happens for an empty list)."""
+def raise_if_problems(problems: Sequence[str | BaseException], what: str = "cannot start") -> None:
+    """Raise once for every problem found (nothing happens for an empty list).
+
+    A problem is a message or the user-error exception that was caught while checking. One caught exception
+    alone is re-raised as it is (callers and tests that expect e.g. ``MissingWeightsError`` still get it);
+    otherwise one ``UserError`` lists every problem.
+    """
     problems = [p for p in problems if p]
     if not problems:
         return
+    if len(problems) == 1 and isinstance(problems[0], USER_ERRORS):
+        raise problems[0]
     if len(problems) == 1:
         raise UserError(f"{what}: {problems[0]}")
     raise UserError(f"{what}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
