@@ -3,7 +3,8 @@
 # Override any variable from the environment, e.g. NAME=bottle NUM_IMAGES=100 bash script/inference/generate_stage1-full.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.env/bin/python}
+source script/lib/python.sh  # PYTHON, else .env/bin/python when .env exists
+PY=$PYTHON
 MODEL_NAME=${MODEL_NAME:-models/stable-diffusion-v1-5}
 NAME=${NAME:-hazelnut}
 OUTPUT_DIR=${OUTPUT_DIR:-all_generate}

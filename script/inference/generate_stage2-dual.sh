@@ -3,7 +3,8 @@
 # -> generate_data/<class>/<defect>/{image,fg,mask}/. Variables are overridable from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.env/bin/python}
+source script/lib/python.sh  # PYTHON, else .env/bin/python when .env exists
+PY=$PYTHON
 MODEL_NAME=${MODEL_NAME:-models/stable-diffusion-v1-5}
 NAME=${NAME:-hazelnut}
 ANOMALY=${ANOMALY:-hole}

@@ -172,8 +172,6 @@ class DinoTargets:
             self.cache = LMDBCacheReader(dino_cfg["cache"])
             meta = self.cache.metadata
             self.dim = int(meta.get("D") or self.cache.shape[-1])
-            if meta.get("normalized"):
-                logger.warning("DINO cache holds normalized tokens; the cosine DINO loss is unaffected")
         else:
             from models.dinov2_encoder import DINOv2Encoder
 
