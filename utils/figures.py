@@ -76,8 +76,10 @@ def save_labelled_grid(
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+        for spine in ax.spines.values():  # a thin frame: a white mask stays visible on the white page
+            spine.set_visible(i < len(pils))
+            spine.set_color("0.6")
+            spine.set_linewidth(0.5)
         if i < len(pils):
             image = pils[i]
             ax.imshow(image, cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
@@ -103,6 +105,13 @@ def plot_metric_vs_step(
 
     The y axis shows plain values (no offset such as ``1e-17+2.099e-13``); a run with one step is a point.
     """
+    return _save(metric_vs_step_figure(results, metrics, title, note), path, dpi=120)
+
+
+def metric_vs_step_figure(
+    results: Sequence[dict], metrics: Sequence[str] = ("fid", "sfid"), title: str = "", note: str = ""
+):
+    """The matplotlib figure of :func:`plot_metric_vs_step` (not saved)."""
     from matplotlib.ticker import ScalarFormatter
 
     plt = _pyplot()
@@ -125,4 +134,4 @@ def plot_metric_vs_step(
     if full_title:
         fig.suptitle(full_title)
     fig.tight_layout()
-    return _save(fig, path, dpi=120)
+    return fig
