@@ -24,7 +24,8 @@ if [ ! -d "$MODEL_NAME" ] && [[ "$MODEL_NAME" != */* || "$MODEL_NAME" == models/
   echo "  Download it in diffusers layout on a machine with network (hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir $MODEL_NAME)" >&2
   echo "  or point MODEL_NAME at a local copy. Demo on the tiny model instead:" >&2
   echo "    $PYTHON preprocessing/make_tiny_assets.py --out .cache/tiny" >&2
-  echo "    MODEL_NAME=.cache/tiny/sd15 INSTANCE_DIR=.cache/tiny/mvtec OUTPUT_DIR=outputs/demo LAUNCH=$PYTHON bash script/train/train_stage1-full.sh --resolution 64 --train_batch_size 2 --max_train_steps 20 --rank 4 --dinov2_model_name tiny14 --dinov2_weights .cache/tiny/dinov2/dinov2_tiny14_pretrain.pth --dinov2_feature_layers 1 3 --checkpointing_steps 10" >&2
+  echo "    export MODEL_NAME=.cache/tiny/sd15 INSTANCE_DIR=.cache/tiny/mvtec OUTPUT_DIR=outputs/tiny_anomaly_scripts" >&2
+  echo "    and the flags of docs/anomaly_training.md (Demo on the tiny assets)." >&2
   exit 2
 fi
 if [ ! -d "$INSTANCE_DIR/$NAME" ]; then
