@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 u,
                 d,
                 out_dir / f"tsne_{kind}_{ckpt.parent.name}_{lm.step}.png",
-                title=f"{run} step {lm.step}: SVCCA {result['svcca_mid']:.3f}",
+                title=f"{run} step {lm.step}: SVCCA {result['svcca_mid']:.3f}"
+                + (f"\n({args.figure_note})" if args.figure_note else ""),
             )
             summary["alignment"][f"{run}@{lm.step}"] = result["svcca_mid"]
             bar.update()
