@@ -53,6 +53,7 @@ from train.urepa.setup import (  # noqa: E402
     load_vae,
     resolve_sd_dir,
 )
+from utils.cli import run_cli  # noqa: E402
 from utils.config import add_config_args, load_config, save_config  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -378,4 +379,4 @@ def load_ema(ema: ParamEMA, extra: dict[str, Any], ckpt: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

@@ -35,6 +35,7 @@ from eval.inception import (  # noqa: E402
     weights_format,
     write_random_fid_state_dict,
 )
+from utils.cli import run_cli  # noqa: E402
 from utils.images import load_rgb  # noqa: E402
 from utils.logging import get_logger, progress  # noqa: E402
 
@@ -173,4 +174,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

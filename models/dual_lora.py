@@ -548,13 +548,13 @@ def load_dual_unet(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from utils.weights import resolve_hf_path
+    from utils.weights import resolve_hf_path, sd15_how_to_get
 
     config = read_dual_config(weights_dir)
     root = resolve_hf_path(
         pretrained_model_name_or_path,
         "Stable Diffusion 1.5 base model",
-        "Download runwayml/stable-diffusion-v1-5 (diffusers layout) to models/stable-diffusion-v1-5.",
+        sd15_how_to_get(),
         required_files=("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
     )
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")

@@ -26,14 +26,11 @@ from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_by
 from datasets.sample_csv import SampleRow, read_sample_csv
 from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 from utils.logging import get_logger, progress
-from utils.weights import MissingWeightsError, resolve_hf_path
+from utils.weights import SD15_LOCAL_DIR, MissingWeightsError, resolve_hf_path, sd15_how_to_get
 
 logger = get_logger("preprocessing")
 
-SD15_HOW_TO_GET = (
-    "Download Stable Diffusion 1.5 on a machine with network (`huggingface-cli download "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5`) and pass the local directory or copy the HF cache here."
-)
+SD15_HOW_TO_GET = sd15_how_to_get()
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -470,7 +467,7 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
 def add_vae_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(
         "--pretrained_model_name_or_path",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        default=SD15_LOCAL_DIR,
         help="SD-1.5 pipeline directory (or a hub id in the local HF cache); the VAE is read from its "
         "`vae/` subfolder, or from the directory itself if it is a VAE directory.",
     )
@@ -543,8 +540,20 @@ def run_cli_job(
     """What every cache CLI does once its flags are parsed: pick this job's rows, build the encoders
     (``make_encoders(device) -> [(encoder, output_dir)]``), print the storage estimate, open one writer per
     cache and run the job."""
-    rows, mine, num_shards, shard_index, image_root = job_rows(args)
-    encoders = make_encoders(resolve_device(args))
+    from utils.cli import USER_ERRORS, raise_if_problems
+
+    problems: list[
+        str | BaseException
+    ] = []  # the CSV and the weights are both checked, then reported together
+    try:
+        rows, mine, num_shards, shard_index, image_root = job_rows(args)
+    except (*USER_ERRORS, ValueError) as err:
+        problems.append(err if isinstance(err, USER_ERRORS) else f"{args.csv}: {err}")
+    try:
+        encoders = make_encoders(resolve_device(args))
+    except USER_ERRORS as err:
+        problems.append(err)
+    raise_if_problems(problems)
     print_storage_estimate([e for e, _ in encoders], len(rows), len(mine))
     wid = writer_id(num_shards, shard_index)
     targets = [

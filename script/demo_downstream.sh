@@ -3,11 +3,12 @@
 # (rendered by the synthetic MVTec generator, not by a diffusion model) -> localization U-Net on them and on
 # Perlin anomalies -> ResNet-34 classifier -> results table. Tiny models, a few dozen steps, 64 px, a
 # random-init ResNet: every number it prints is MEANINGLESS; it only shows that the pipeline runs.
-# Outputs: outputs/demo_downstream/ (results.md, */metrics.json, predictions.png, confusion.png).
+# Outputs: outputs/demo/downstream/ (results.md, */metrics.json, predictions.png, confusion.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.env/bin/python}
-OUT=${OUT:-outputs/demo_downstream}
+source script/lib/python.sh
+PY=$PYTHON
+OUT=${OUT:-outputs/demo/downstream}
 TINY=${TINY:-.cache/tiny}
 export HF_HUB_OFFLINE=1
 

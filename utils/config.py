@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from utils.cli import UserError
+
 
 class ConfigSection(BaseModel):
     """Base of the config schemas: unknown keys are errors (``extra="forbid"``)."""
@@ -32,8 +34,10 @@ class ConfigSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit its schema; the message names the file and the key."""
+class ConfigError(ValueError, UserError):
+    """A config file or override that does not fit its schema; the message names the file and the key.
+
+    A :class:`utils.cli.UserError`: entry points under ``run_cli`` end with the message and exit code 2."""
 
 
 class UnknownConfigKeyError(ConfigError, KeyError):
@@ -65,11 +69,11 @@ def yaml_load(text: Any) -> Any:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form KEY=VALUE (e.g. train.max_steps=100)")
+        raise ConfigError(f"override {item!r} is not of the form KEY=VALUE (e.g. train.max_steps=100)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ValueError(f"override {item!r} has an empty key")
+        raise ConfigError(f"override {item!r} has an empty key")
     value = yaml_load(raw) if raw.strip() else ""
     # YAML reads "1e-4" as a string; users mean a number.
     if isinstance(value, str):
@@ -107,13 +111,15 @@ def apply_overrides(
             if k not in node or not isinstance(node[k], dict):
                 if strict:
                     where = ".".join(keys[:depth]) or "<top level>"
-                    raise KeyError(
+                    raise UnknownConfigKeyError(
                         f"override {item!r}: no section {k!r} in {where}; valid keys: {sorted(node)}"
                     )
                 node[k] = {}
             node = node[k]
         if strict and keys[-1] not in node:
-            raise KeyError(f"override {item!r}: unknown key {keys[-1]!r}; valid keys here: {sorted(node)}")
+            raise UnknownConfigKeyError(
+                f"override {item!r}: unknown key {keys[-1]!r}; valid keys here: {sorted(node)}"
+            )
         node[keys[-1]] = value
     return config
 
@@ -146,7 +152,7 @@ def _load_file(path: Path, schema: type[ConfigSection] | None) -> dict[str, Any]
     with open(path) as f:
         config = yaml_load(f) or {}
     if not isinstance(config, dict):
-        raise ValueError(f"config {path} must be a YAML mapping, got {type(config).__name__}")
+        raise ConfigError(f"config {path} must be a YAML mapping, got {type(config).__name__}")
     base = config.pop("base", None)
     if schema is not None:
         problems = check_keys(config, schema)

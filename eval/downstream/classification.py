@@ -38,8 +38,8 @@ from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, 
 from eval.downstream.resnet import build_resnet34  # noqa: E402
 from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
 from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
-from utils.weights import MissingWeightsError  # noqa: E402
 
 logger = get_logger("downstream.classification")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -255,7 +255,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DownstreamDataError, FileNotFoundError, MissingWeightsError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)  # DownstreamDataError / missing files or weights: exit code 2 and a message, no traceback

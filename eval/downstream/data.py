@@ -37,6 +37,7 @@ from datasets.mvtec import (
 from datasets.mvtec import _load_image as load_image_uint8  # shorter side -> R, centre crop; uint8 [3,R,R]
 from datasets.mvtec import _load_mask as load_mask_bool  # same geometry, bilinear, >= 0.5; bool [1,R,R]
 from eval.downstream.perlin import paste_anomaly
+from utils.cli import UserError
 from utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -49,7 +50,7 @@ GENERATE_HINT = (
 )
 
 
-class DownstreamDataError(ValueError):
+class DownstreamDataError(UserError, ValueError):
     """A data folder does not hold what the evaluation needs (the message says what and how to fix it)."""
 
 

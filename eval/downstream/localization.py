@@ -30,7 +30,6 @@ import torch  # noqa: E402
 from datasets.mvtec import SPLIT_RULES, good_images  # noqa: E402
 from eval.downstream.data import (  # noqa: E402
     DEFAULT_SPLIT_RULE,
-    DownstreamDataError,
     GeneratedSegmentationDataset,
     PerlinSegmentationDataset,
     TestItem,
@@ -52,6 +51,7 @@ from eval.downstream.trainer import add_optimisation_args, check_optimisation_ar
 from losses.focal import focal_loss  # noqa: E402
 from models.draem_segmentation import DiscriminativeSubNetwork, init_weights  # noqa: E402
 from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("downstream.localization")
@@ -328,7 +328,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DownstreamDataError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)  # DownstreamDataError / missing files: exit code 2 and a message, no traceback

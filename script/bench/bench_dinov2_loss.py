@@ -38,7 +38,7 @@ def build(resolution: int):
     from peft import LoraConfig
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    unet = UNet2DConditionModel(  # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
         sample_size=resolution // 8,
         in_channels=4,
         out_channels=4,

@@ -153,3 +153,20 @@ def test_schema_choices_exist_in_the_libraries():
     from diffusers.optimization import SchedulerType
 
     assert set(LR_SCHEDULERS) <= {t.value for t in SchedulerType}
+
+
+def test_config_errors_are_user_errors_exit_2_under_run_cli(capsys, monkeypatch):
+    """A misspelled key or a wrong value ends an entry point with its message and exit code 2 (no traceback)."""
+    from utils.cli import run_cli
+
+    monkeypatch.delenv("TRACEBACK", raising=False)
+    for override, message in (
+        ("train.batch_sise=3", "did you mean 'train.batch_size'"),
+        ("train.batch_size=four", "train.batch_size: Input should be a valid integer"),
+        ("train", "is not of the form KEY=VALUE"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda argv: load_config(A, argv, schema=URepaConfig), [override])
+        assert exit_info.value.code == 2
+        err = " ".join(capsys.readouterr().err.split())  # the message is wrapped at 110 columns
+        assert message in err and "Traceback" not in err

@@ -45,12 +45,12 @@ def test_svcca_detects_shared_signal():
 
 def test_missing_inception_is_a_clear_error(tmp_path):
     from eval.evaluate_sd15 import main
-    from utils.weights import MissingWeightsError
+    from utils.cli import UserError
 
     ckpt = tmp_path / "run" / "checkpoint-1"
     ckpt.mkdir(parents=True)
     missing = tmp_path / "nope" / "inception-2015-12-05.pt"
-    with pytest.raises(MissingWeightsError, match="nope"):
+    with pytest.raises(UserError, match="nope"):  # checked with the other inputs, before any model loads
         main(
             [
                 "--checkpoints",

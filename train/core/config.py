@@ -10,7 +10,13 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
+from utils.cli import UserError
+
 PRECISIONS = ("no", "fp16", "bf16")
+
+
+class CoreConfigError(UserError, ValueError):
+    """A bad value of a shared training setting (exit code 2 from an entry point, no traceback)."""
 
 
 @dataclass
@@ -35,7 +41,7 @@ class CoreConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(msg)
+                raise CoreConfigError(msg)
 
         need(bool(self.output_dir), "output_dir is not set")
         need(

@@ -46,6 +46,7 @@ from train.dinovq.data import (  # noqa: E402
     split_holdout,
 )
 from train.dinovq.evaluate import evaluate_reconstruction  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.config import add_config_args, load_config, save_config  # noqa: E402
 from utils.images import save_image_grid  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
@@ -165,8 +166,6 @@ class DinoTargets:
             self.cache = LMDBCacheReader(dino_cfg["cache"])
             meta = self.cache.metadata
             self.dim = int(meta.get("D") or self.cache.shape[-1])
-            if meta.get("normalized"):
-                logger.warning("DINO cache holds normalized tokens; the cosine DINO loss is unaffected")
         else:
             from models.dinov2_encoder import DINOv2Encoder
 
@@ -424,4 +423,4 @@ def run_eval(raw, val_dl, lpips_fn, inception, device, ecfg, output_dir, step) -
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

@@ -41,6 +41,7 @@ from train.core import (  # noqa: E402
     run_training,
 )
 from train.dinovq.data import EpochShuffleSampler, ImageDataset, find_images  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 from utils.weights import resolve_hf_path  # noqa: E402
 
@@ -200,4 +201,4 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

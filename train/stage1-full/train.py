@@ -33,6 +33,7 @@ from train.anomaly.components import (  # noqa: E402
 from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
 from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
 from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("stage1-full")
@@ -205,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

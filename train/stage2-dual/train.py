@@ -55,6 +55,7 @@ from train.anomaly.diffusion import (  # noqa: E402
 from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
 from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
 from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("stage2-dual")
@@ -398,4 +399,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

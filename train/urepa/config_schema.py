@@ -17,6 +17,7 @@ from models.sd15_unet_aligned import ALIGN_LAYERS
 from train.urepa.sampling import SAMPLERS
 from train.urepa.setup import FINETUNE_MODES
 from utils.config import ConfigSection
+from utils.weights import SD15_LOCAL_DIR
 
 # diffusers.optimization.get_scheduler names that need no extra arguments (piecewise_constant needs step rules)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -34,7 +35,7 @@ class LoraSection(ConfigSection):
 
 
 class ModelSection(ConfigSection):
-    pretrained: str = "runwayml/stable-diffusion-v1-5"  # local diffusers dir or a hub id in the HF cache
+    pretrained: str = SD15_LOCAL_DIR  # local diffusers dir or a hub id in the HF cache
     align_layers: Annotated[list[Literal[tuple(ALIGN_LAYERS)]], Field(min_length=1)] = ["mid"]
     D: PositiveInt | None = None  # DINO token width; null -> the DINO cache metadata
     grid: Pair | PositiveInt | None = None  # DINO patch grid; null -> the DINO cache metadata
