@@ -10,8 +10,9 @@ import argparse
 from collections.abc import Sequence
 
 from datasets.mvtec import FLIP_MODES, SPLIT_RULES
-from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
+from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LAYER_REDUCTIONS, LOSS_TYPES
 from models.dual_lora import DUAL_MODES
+from train.anomaly.perceptual import DEFAULT_CROP_SIZE, DEFAULT_DINO_RESOLUTION, DINOV2_LOSS_IMPLS
 
 DINOV2_CHOICES = (
     "vits14",
@@ -148,8 +149,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dinov2_resolution",
         type=int,
-        default=224,
-        help="DINO input side (multiple of 14). 224 -> 256 tokens; 518 is the pretraining size.",
+        default=None,
+        help="DINO input side (multiple of 14). Default: 224 for --dinov2_loss_impl crop/fast (256 "
+        "tokens), 518 for reference (the seed's, 1369 tokens).",
     )
     g.add_argument(
         "--dinov2_max_timestep",
@@ -181,6 +183,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Checkpoint of a latent-space DINOv2 head (models/latent_dino_head.py): features straight "
         "from latents, no decode. Replaces the decoder + DINOv2 when given.",
+    )
+    g.add_argument(
+        "--dinov2_loss_impl",
+        choices=DINOV2_LOSS_IMPLS,
+        default="crop",
+        help="crop (default): decode a random --dinov2_crop_size tile of x0 and compare it with the same tile "
+        "of the training image; fast: the whole x0 vs the whole training image; reference: exactly the seed "
+        "trainer's term (decode x0 and the target latent, clamped to +-10, bilinear to 518 px).",
+    )
+    g.add_argument(
+        "--dinov2_crop_size",
+        type=int,
+        default=DEFAULT_CROP_SIZE,
+        help="Crop side in image px for --dinov2_loss_impl crop (multiple of 8; 256 = a quarter of a 512 px "
+        "image). A crop as large as the image is the full image (= fast).",
+    )
+    g.add_argument(
+        "--dinov2_layer_reduction",
+        choices=LAYER_REDUCTIONS,
+        default="sum",
+        help="How the per-layer distances combine: sum (the seed's) or mean (sum / #layers).",
     )
 
 
@@ -280,9 +303,20 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.rank >= 1, "--rank must be >= 1")
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
+    if args.dinov2_resolution is None:
+        args.dinov2_resolution = DEFAULT_DINO_RESOLUTION[args.dinov2_loss_impl]
     need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
         f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",
+    )
+    need(
+        args.dinov2_crop_size > 0 and args.dinov2_crop_size % 8 == 0,
+        f"--dinov2_crop_size {args.dinov2_crop_size} must be a positive multiple of 8 (the VAE factor)",
+    )
+    need(
+        args.dinov2_loss_impl != "reference" or not (args.dinov2_tiny_vae or args.dinov2_latent_head),
+        "--dinov2_loss_impl reference is the seed's term through the SD VAE: drop --dinov2_tiny_vae / "
+        "--dinov2_latent_head, or use --dinov2_loss_impl crop|fast",
     )
     if args.dinov2_max_timestep is not None:
         need(args.dinov2_max_timestep > 0, "--dinov2_max_timestep must be > 0")
