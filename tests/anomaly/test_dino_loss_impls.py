@@ -305,6 +305,99 @@ def test_crop_draws_come_from_the_generator():
     assert sample_crop_boxes(2, 8, 8, 8) == [(0, 0, 8, 8)] * 2
 
 
+# --- sample fraction ----------------------------------------------------------------------------------------
+
+
+class _MeanLoss(torch.nn.Module):
+    """Per-sample loss = the mean of the decoded image, so a sample's value names it."""
+
+    layers = [0]
+    weights = {0: 1.0}
+    resize = "bicubic_antialias"
+
+    def target_features(self, images):
+        return {0: images}
+
+    def forward(self, images, target):
+        d = images.flatten(1).mean(1)
+        return d, {0: d}
+
+
+def test_sample_fraction_keeps_each_sample_with_probability_p_weighted_1_over_p():
+    values = (
+        torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0]) / 32
+    )  # sample i decodes to a constant image v_i (sums name subsets)
+    x0 = values.view(5, 1, 1, 1).expand(5, 4, 2, 2).contiguous()
+    pixels = torch.zeros(5, 3, 16, 16)
+    term = PerceptualTerm(
+        _MeanLoss(), _PoolVAE(), torch.ones(1000), "sample", impl="fast", sample_fraction=0.5
+    )
+    gen = torch.Generator().manual_seed(0)
+    draws, counts, total = 2000, torch.zeros(5), 0.0
+    for _ in range(draws):
+        value, logs = term(
+            x0,
+            torch.zeros_like(x0),
+            torch.ones(5, dtype=torch.long),
+            pixels,
+            list(range(5)),
+            [0] * 5,
+            generator=gen,
+        )
+        k = round(logs["dinov2_fraction"] * 5)
+        assert k in (2, 3)  # floor / ceil of 5 x 0.5
+        # which samples: the value is sum_{i in S} v_i / (b p); recover S from the value and k
+        picked = [
+            s
+            for s in __import__("itertools").combinations(range(5), k)
+            if abs(values[list(s)].sum().item() / 2.5 - value.item()) < 1e-6
+        ]
+        assert picked, value
+        counts[list(picked[0])] += 1
+        total += value.item()
+    # every sample is in with probability 0.5 (binomial, 2000 draws: sd 0.011) and the estimate is unbiased
+    assert torch.allclose(counts / draws, torch.full((5,), 0.5), atol=0.05)
+    assert total / draws == pytest.approx(values.mean().item(), rel=0.05)
+    # p = 1: every sample, every time
+    full = PerceptualTerm(_MeanLoss(), _PoolVAE(), torch.ones(1000), "sample", impl="fast")
+    value, logs = full(
+        x0, torch.zeros_like(x0), torch.ones(5, dtype=torch.long), pixels, list(range(5)), [0] * 5
+    )
+    assert logs["dinov2_fraction"] == 1.0 and value.item() == pytest.approx(values.mean().item())
+
+
+def test_sample_fraction_draws_come_from_the_generator_and_respect_max_timestep():
+    term = PerceptualTerm(
+        _MeanLoss(),
+        _PoolVAE(),
+        torch.ones(1000),
+        "sample",
+        impl="fast",
+        sample_fraction=0.5,
+        max_timestep=500,
+    )
+    sel = [0, 2, 3, 5]
+    a = term.subsample(sel, torch.Generator().manual_seed(7))
+    assert a == term.subsample(sel, torch.Generator().manual_seed(7)) and len(a) == 2 and set(a) <= set(sel)
+    x0 = torch.ones(4, 4, 2, 2)
+    t = torch.tensor([900, 10, 900, 900])  # one qualifying sample: decoded with probability 0.5
+    seen = set()
+    for seed in range(20):
+        _, logs = term(
+            x0,
+            x0,
+            t,
+            torch.zeros(4, 3, 16, 16),
+            [0, 1, 2, 3],
+            [0] * 4,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        seen.add(logs["dinov2_fraction"])
+    assert seen == {0.0, 0.25}
+    with pytest.raises(ValueError, match="sample_fraction"):
+        PerceptualTerm(_MeanLoss(), _PoolVAE(), torch.ones(1000), "sample", impl="fast", sample_fraction=0.0)
+
+
 # --- the selectable variants on the tiny models --------------------------------------------------------------
 
 
@@ -372,20 +465,21 @@ def _args(**kw):
         dinov2_target_cache="memory",
         dinov2_max_timestep=None,
         dinov2_crop_size=32,
+        dinov2_sample_fraction=None,
     )
     base.update(kw)
     return argparse.Namespace(**base)
 
 
 @pytest.mark.parametrize(
-    "impl,resolution,resize,cached",
+    "impl,resolution,resize,cached,fraction",
     [
-        ("crop", 224, "bicubic_antialias", True),
-        ("fast", 224, "bicubic_antialias", True),
-        ("reference", 518, "bilinear", False),
+        ("crop", 224, "bicubic_antialias", True, 1.0),
+        ("fast", 224, "bicubic_antialias", True, 0.5),
+        ("reference", 518, "bilinear", False, 1.0),
     ],
 )
-def test_build_selects_the_variant(tiny_assets, tiny_models, impl, resolution, resize, cached):
+def test_build_selects_the_variant(tiny_assets, tiny_models, impl, resolution, resize, cached, fraction):
     vae, _, _ = tiny_models
     sched = _scheduler("epsilon")
     term = build_perceptual_term(
@@ -395,7 +489,7 @@ def test_build_selects_the_variant(tiny_assets, tiny_models, impl, resolution, r
         torch.device("cpu"),
     )
     assert term.impl == impl and term.loss.encoder.resolution == resolution and term.loss.resize == resize
-    assert (term.cache is not None) == cached and term.crop_size == 32
+    assert (term.cache is not None) == cached and term.crop_size == 32 and term.sample_fraction == fraction
     assert term.loss.weights == {1: 1.0, 3: 1.0}
     with pytest.raises(ValueError, match="reference"):
         build_perceptual_term(
@@ -403,16 +497,20 @@ def test_build_selects_the_variant(tiny_assets, tiny_models, impl, resolution, r
         )
 
 
-def test_flags_default_to_crop_with_the_seeds_layer_sum():
+def test_flags_default_to_fast_on_half_the_samples_with_the_seeds_layer_sum():
     from train.anomaly.args import parse, stage1_parser
 
     base = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--mvtec_name", "hazelnut"]
     base += ["--output_dir", "o", "--max_train_steps", "1", "--use_dinov2_loss"]
     args = parse(stage1_parser(), base)
-    assert (args.dinov2_loss_impl, args.dinov2_crop_size, args.dinov2_resolution) == ("crop", 256, 224)
-    assert args.dinov2_layer_reduction == "sum"
+    assert (args.dinov2_loss_impl, args.dinov2_sample_fraction, args.dinov2_resolution) == ("fast", 0.5, 224)
+    assert args.dinov2_layer_reduction == "sum" and args.dinov2_crop_size == 256
+    args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "crop"])
+    assert (args.dinov2_sample_fraction, args.dinov2_resolution) == (1.0, 224)
     args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "reference"])
-    assert args.dinov2_resolution == 518
+    assert (args.dinov2_sample_fraction, args.dinov2_resolution) == (1.0, 518)
+    with pytest.raises(SystemExit, match="sample_fraction"):
+        parse(stage1_parser(), base + ["--dinov2_loss_impl", "reference", "--dinov2_sample_fraction", "0.5"])
     with pytest.raises(SystemExit, match="crop_size"):
         parse(stage1_parser(), base + ["--dinov2_crop_size", "100"])
     with pytest.raises(SystemExit, match="reference"):

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from datasets.mvtec import FLIP_MODES, SPLIT_RULES
 from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LAYER_REDUCTIONS, LOSS_TYPES
 from models.dual_lora import DUAL_MODES
-from train.anomaly.perceptual import DEFAULT_CROP_SIZE, DEFAULT_DINO_RESOLUTION, DINOV2_LOSS_IMPLS
+from train.anomaly.perceptual import (
+    DEFAULT_CROP_SIZE,
+    DEFAULT_DINO_RESOLUTION,
+    DEFAULT_LOSS_IMPL,
+    DEFAULT_SAMPLE_FRACTION,
+    DINOV2_LOSS_IMPLS,
+)
 
 DINOV2_CHOICES = (
     "vits14",
@@ -187,10 +193,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dinov2_loss_impl",
         choices=DINOV2_LOSS_IMPLS,
-        default="crop",
-        help="crop (default): decode a random --dinov2_crop_size tile of x0 and compare it with the same tile "
-        "of the training image; fast: the whole x0 vs the whole training image; reference: exactly the seed "
-        "trainer's term (decode x0 and the target latent, clamped to +-10, bilinear to 518 px).",
+        default=DEFAULT_LOSS_IMPL,
+        help="fast (default): the whole decoded x0 vs the whole training image (features cached), on a random "
+        "half of the samples unless --dinov2_sample_fraction 1; crop: a random --dinov2_crop_size tile of x0 vs "
+        "the same tile of the training image; reference: exactly the seed trainer's term (decode x0 and the "
+        "target latent, clamped to +-10, bilinear to 518 px, every sample).",
     )
     g.add_argument(
         "--dinov2_crop_size",
@@ -198,6 +205,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CROP_SIZE,
         help="Crop side in image px for --dinov2_loss_impl crop (multiple of 8; 256 = a quarter of a 512 px "
         "image). A crop as large as the image is the full image (= fast).",
+    )
+    g.add_argument(
+        "--dinov2_sample_fraction",
+        type=float,
+        default=None,
+        help="p in (0, 1]: each sample enters the DINOv2 term with probability p and is weighted 1/p (same "
+        "expected loss and gradient, p times the cost on average). Default: 0.5 for fast, 1 for crop and "
+        "reference (every sample, like the seed).",
     )
     g.add_argument(
         "--dinov2_layer_reduction",
@@ -308,6 +323,16 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
         f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",
+    )
+    if args.dinov2_sample_fraction is None:
+        args.dinov2_sample_fraction = DEFAULT_SAMPLE_FRACTION[args.dinov2_loss_impl]
+    need(
+        0.0 < args.dinov2_sample_fraction <= 1.0,
+        f"--dinov2_sample_fraction {args.dinov2_sample_fraction} must be in (0, 1]",
+    )
+    need(
+        args.dinov2_loss_impl != "reference" or args.dinov2_sample_fraction == 1.0,
+        "--dinov2_loss_impl reference uses every sample like the seed: --dinov2_sample_fraction must be 1",
     )
     need(
         args.dinov2_crop_size > 0 and args.dinov2_crop_size % 8 == 0,
