@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache  # noqa: E402
 from losses.latent_crops import crop_boxes, crop_tiles  # noqa: E402
-from train.anomaly.perceptual import DEFAULT_DINO_RESOLUTION, PerceptualTerm  # noqa: E402
+from train.anomaly.perceptual import PerceptualTerm, default_dino_resolution  # noqa: E402
 from utils.memory import LiveTensorPeak, PeakRSS  # noqa: E402
 
 LAYERS = [3, 6, 9, 11]
@@ -73,11 +73,13 @@ VARIANTS = {
     "reference": Variant("reference", "the seed's term: decode x0 and the target latent, DINO 518 px"),
     "fast": Variant("fast", "whole x0 decoded, target = cached training image, DINO 224, every sample"),
     "fast_p05": Variant("fast", "DEFAULT: fast on a random half of the samples, weighted 2", fraction=0.5),
-    "crop": Variant("crop", "256 px tile of x0 (32x32 latent) vs the same image tile, DINO 224"),
-    "crop384": Variant("crop", "384 px tile (48x48 latent), DINO 224", crop=384),
-    "crop_dino112": Variant(
-        "crop", "256 px tile at DINO 112 (the full image's 32 px per token)", resolution=112
+    "crop": Variant(
+        "crop", "256 px tile of x0 (32x32 latent) vs the same image tile, DINO 112 = 224 x 256/512"
     ),
+    "crop_dino224": Variant(
+        "crop", "crop with DINO at 224 px (twice the full image's tokens per pixel)", resolution=224
+    ),
+    "crop384": Variant("crop", "384 px tile (48x48 latent), DINO 168", crop=384),
     "fast_dino112": Variant("fast", "fast with DINO at 112 px", resolution=112),
     "fast_ckpt": Variant("fast", "fast + VAE-decoder gradient checkpointing", checkpointing=True),
     "fast_bf16": Variant("fast", "fast under bf16 autocast", bf16=True),
@@ -150,7 +152,7 @@ def build_models(resolution: int, device: str, with_unet: bool) -> SimpleNamespa
     m.sched = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    m.device, m.variant, m.layers = device, "vitb14", LAYERS
+    m.device, m.variant, m.layers, m.resolution = device, "vitb14", LAYERS, resolution
     return m
 
 
@@ -159,7 +161,7 @@ def make_term(name: str, m: SimpleNamespace, crop_size: int | None = None) -> Pe
     from models.latent_dino_head import LatentDINOv2
 
     v = VARIANTS[name]
-    resolution = v.resolution or DEFAULT_DINO_RESOLUTION[v.impl]
+    resolution = v.resolution or default_dino_resolution(v.impl, crop_size or v.crop, m.resolution)
     enc = DINOv2Encoder(variant=m.variant, resolution=resolution, input_range="-1_1", model=m.dino).to(
         m.device
     )
@@ -303,9 +305,7 @@ def section_flops(args, names):
         unet_step(m, x)
     out["unet_step"] = fc.get_total_flops() / 2
     for name in names:
-        term = make_term(
-            name, m, args.crop_size if VARIANTS[name].impl == "crop" and name == "crop" else None
-        )
+        term = make_term(name, m, args.crop_size if name == "crop" else None)
         warm_cache(term, x)
         with FlopCounterMode(display=False) as fc:
             run_term(name, term, x)
@@ -369,7 +369,7 @@ def section_time(args, names):
     print(
         f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)", flush=True
     )
-    for name in names:  # warm-up: oneDNN primitives, allocator
+    for name in names[: len(names) if args.warmup else 0]:  # warm-up: oneDNN primitives, allocator
         t0 = time.perf_counter()
         run_term(name, terms[name], x)
         print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -450,7 +450,7 @@ def draws_of(name: str, term: PerceptualTerm, x: SimpleNamespace) -> list[tuple[
 def section_agreement(m: SimpleNamespace, x: SimpleNamespace, label: str, name: str, crop_size: int) -> dict:
     """Variant ``name`` against the full-image term on every sample (fast): its exact expectation over all of its
     random outcomes (tiles, sample subsets) and its single draws, value and gradient w.r.t. the U-Net output."""
-    term = make_term(name, m, crop_size if VARIANTS[name].impl == "crop" else None)
+    term = make_term(name, m, crop_size if name in ("crop", "crop_dino224") else None)
     warm_cache(term, x)
     draws = []
     for prob, attrs in draws_of(name, term, x):
@@ -475,7 +475,8 @@ def section_agreement(m: SimpleNamespace, x: SimpleNamespace, label: str, name: 
         draw_value_spread=(min(spread), max(spread)),
     )
     print(
-        f"\n== Agreement, {label}: {name} ({VARIANTS[name].what}; DINO {term.loss.encoder.resolution} px, "
+        f"\n== Agreement, {label}: {name} ({VARIANTS[name].what}"
+        f"{f'; crop {term.crop_size} px' if term.impl == 'crop' else ''}; DINO {term.loss.encoder.resolution} px, "
         f"{len(draws)} outcomes) vs the full-image term on every sample (fast) ==\n"
         f"value: full {r['value_full']:.5f}, expectation {r['value_expected']:.5f}, relative error "
         f"{r['rel_err']:.2e} (single draws {r['draw_value_spread'][0]:+.3f} .. {r['draw_value_spread'][1]:+.3f})\n"
@@ -495,7 +496,9 @@ def tiny_setup():
     from preprocessing.make_tiny_assets import ensure_tiny_assets
 
     tiny = ensure_tiny_assets(Path(__file__).resolve().parents[2] / ".cache" / "tiny")
-    m = SimpleNamespace(device="cpu", unet=None, taesd=None, head=None, variant="tiny14", layers=[1, 3])
+    m = SimpleNamespace(
+        device="cpu", unet=None, taesd=None, head=None, variant="tiny14", layers=[1, 3], resolution=64
+    )
     m.vae = AutoencoderKL.from_pretrained(tiny["sd15"], subfolder="vae").requires_grad_(False).eval()
     m.dino = DINOv2Encoder.from_pretrained(tiny["dinov2_official"], variant="tiny14", resolution=224).model
     m.sched = DDPMScheduler.from_pretrained(tiny["sd15"], subfolder="scheduler")
@@ -529,6 +532,7 @@ def main() -> int:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs every --time variant once)")
     p.add_argument("--batch", type=int, default=1, help="batch of the timed calls")
+    p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed call per variant first")
     p.add_argument("--seed_batch", type=int, default=SEED_BATCH, help="second batch size of the memory table")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--crop_size", type=int, default=256, help="crop side (image px) of the 'crop' variant")

@@ -466,6 +466,7 @@ def _args(**kw):
         dinov2_max_timestep=None,
         dinov2_crop_size=32,
         dinov2_sample_fraction=None,
+        resolution=64,
     )
     base.update(kw)
     return argparse.Namespace(**base)
@@ -474,7 +475,7 @@ def _args(**kw):
 @pytest.mark.parametrize(
     "impl,resolution,resize,cached,fraction",
     [
-        ("crop", 224, "bicubic_antialias", True, 1.0),
+        ("crop", 112, "bicubic_antialias", True, 1.0),  # 32 px crops of 64 px: 224 x 32 / 64
         ("fast", 224, "bicubic_antialias", True, 0.5),
         ("reference", 518, "bilinear", False, 1.0),
     ],
@@ -505,8 +506,12 @@ def test_flags_default_to_fast_on_half_the_samples_with_the_seeds_layer_sum():
     args = parse(stage1_parser(), base)
     assert (args.dinov2_loss_impl, args.dinov2_sample_fraction, args.dinov2_resolution) == ("fast", 0.5, 224)
     assert args.dinov2_layer_reduction == "sum" and args.dinov2_crop_size == 256
-    args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "crop"])
-    assert (args.dinov2_sample_fraction, args.dinov2_resolution) == (1.0, 224)
+    args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "crop"])  # 256 px crops of 512 px images
+    assert (args.dinov2_sample_fraction, args.dinov2_resolution) == (1.0, 112)
+    args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "crop", "--resolution", "1024"])
+    assert args.dinov2_resolution == 56
+    args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "crop", "--resolution", "256"])
+    assert args.dinov2_resolution == 224  # a crop as large as the image is the full image
     args = parse(stage1_parser(), base + ["--dinov2_loss_impl", "reference"])
     assert (args.dinov2_sample_fraction, args.dinov2_resolution) == (1.0, 518)
     with pytest.raises(SystemExit, match="sample_fraction"):

@@ -14,10 +14,10 @@ from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LAYER_REDUCTIONS, L
 from models.dual_lora import DUAL_MODES
 from train.anomaly.perceptual import (
     DEFAULT_CROP_SIZE,
-    DEFAULT_DINO_RESOLUTION,
     DEFAULT_LOSS_IMPL,
     DEFAULT_SAMPLE_FRACTION,
     DINOV2_LOSS_IMPLS,
+    default_dino_resolution,
 )
 
 DINOV2_CHOICES = (
@@ -156,8 +156,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--dinov2_resolution",
         type=int,
         default=None,
-        help="DINO input side (multiple of 14). Default: 224 for --dinov2_loss_impl crop/fast (256 "
-        "tokens), 518 for reference (the seed's, 1369 tokens).",
+        help="DINO input side (multiple of 14). Default: 224 for --dinov2_loss_impl fast (256 tokens), 518 "
+        "for reference (the seed's, 1369 tokens), 224 x crop / image for crop (112 for 256 of 512 px).",
     )
     g.add_argument(
         "--dinov2_max_timestep",
@@ -319,7 +319,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
     if args.dinov2_resolution is None:
-        args.dinov2_resolution = DEFAULT_DINO_RESOLUTION[args.dinov2_loss_impl]
+        args.dinov2_resolution = default_dino_resolution(
+            args.dinov2_loss_impl, args.dinov2_crop_size, args.resolution
+        )
     need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
         f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",

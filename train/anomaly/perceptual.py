@@ -7,7 +7,8 @@ Three implementations (``--dinov2_loss_impl``):
   (``--dinov2_sample_fraction 0.5``): the expected loss and gradient are those of every sample, at half the
   decode cost on average (the decode with gradient is ~98 % of the term at 512 px).
 * ``crop``: decode a random latent tile of x0 (``--dinov2_crop_size`` image px, 256 = a 32x32 tile of a 64x64
-  SD latent) and compare it with the same tile of the training image (``losses/latent_crops.py``). Cheaper
+  SD latent) and compare it with the same tile of the training image (``losses/latent_crops.py``), DINO at the
+  same pixels per token as the full image (112 px for 256 of 512). Cheaper
   still and deterministic, but not the same loss: the SD decoder's GroupNorm and mid-block attention see the
   whole latent, so a decoded tile is not the tile of the decoded image.
 * ``reference``: the seed trainer's term, exactly: x0 and the *target latent* both divided by the VAE scaling
@@ -35,11 +36,21 @@ DINOV2_LOSS_IMPLS = ("fast", "crop", "reference")
 DEFAULT_LOSS_IMPL = "fast"
 DEFAULT_CROP_SIZE = 256  # image px: a 32x32 tile of SD's 64x64 latent at 512 px
 REFERENCE_LATENT_CLAMP = 10.0  # the seed trainer clamps latent / scaling_factor to +-10 before decoding
-# --dinov2_resolution when not given: the seed decodes and compares at 518 px; ours at 224 (256 tokens).
+# --dinov2_resolution when not given: the seed decodes and compares at 518 px; ours at 224 (256 tokens); crops
+# at the size that keeps the whole image's pixels per token at 224 (default_dino_resolution).
 DEFAULT_DINO_RESOLUTION = {"crop": 224, "fast": 224, "reference": 518}
 # --dinov2_sample_fraction when not given.
 # fast: a random half of the samples, weighted 2 (same expected loss and gradient, half the cost on average).
 DEFAULT_SAMPLE_FRACTION = {"crop": 1.0, "fast": 0.5, "reference": 1.0}
+
+
+def default_dino_resolution(impl: str, crop_size: int, image_size: int) -> int:
+    """DINO input side when ``--dinov2_resolution`` is not given: 224 (fast), 518 (reference, the seed's); for
+    crop ``224 * crop / image`` rounded to a multiple of 14 (112 for a 256 px crop of 512 px), so a DINO token
+    covers as many image pixels as in the full-image term (measured closer to it than 224, see the docs)."""
+    if impl == "crop" and 0 < crop_size < image_size:
+        return max(14, round(DEFAULT_DINO_RESOLUTION["fast"] * crop_size / image_size / 14) * 14)
+    return DEFAULT_DINO_RESOLUTION[impl]
 
 
 def vae_scale_factor(latents: torch.Tensor, images: torch.Tensor) -> int:
@@ -247,7 +258,9 @@ def build_perceptual_term(
     from train.anomaly.components import load_tiny_vae
 
     impl = args.dinov2_loss_impl
-    resolution = args.dinov2_resolution or DEFAULT_DINO_RESOLUTION[impl]
+    resolution = args.dinov2_resolution or default_dino_resolution(
+        impl, args.dinov2_crop_size, args.resolution
+    )
     fraction = args.dinov2_sample_fraction or DEFAULT_SAMPLE_FRACTION[impl]
     if impl == "reference" and (args.dinov2_tiny_vae or args.dinov2_latent_head):
         raise ValueError(
