@@ -61,7 +61,8 @@ class PeakRSS:
 class LiveTensorPeak(TorchDispatchMode):
     """``with LiveTensorPeak() as m: ...`` -> ``m.peak_bytes``: the most bytes of tensors created inside the
     block that were alive at the same time (forward, backward and ``.grad`` included; tensors that existed
-    before the block, such as the weights, are not counted). Views share their storage and count once."""
+    before the block, such as the weights, are not counted, nor are views of them). Views share their storage and
+    count once."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,8 +86,12 @@ class LiveTensorPeak(TorchDispatchMode):
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place ops return an input's storage: not new memory, also when that input (a weight, say)
+        # was made before the block.
+        inputs = [t.untyped_storage() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and not any(leaf.untyped_storage() is st for st in inputs):
                 self._track(leaf)
         return out

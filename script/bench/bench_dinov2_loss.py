@@ -1,8 +1,8 @@
 """Cost of the DINOv2 perceptual term at SD-1.5 sizes: FLOPs, peak memory, time, and what the crop changes.
 
     .env/bin/python script/bench/bench_dinov2_loss.py --resolution 512 --rounds 3            # all sections
-    .env/bin/python script/bench/bench_dinov2_loss.py --resolution 512 --sections agreement  # crop vs full image
-    .env/bin/python script/bench/bench_dinov2_loss.py --tiny --sections agreement            # on the tiny assets
+    .env/bin/python script/bench/bench_dinov2_loss.py --resolution 512 --sections agreement  # vs the full image
+    .env/bin/python script/bench/bench_dinov2_loss.py --tiny                                 # on the tiny assets
 
 Models (random weights, nothing to download): SD-1.5's U-Net with the trainers' LoRA (rank 32 on to_q/k/v/out.0)
 and SD-1.5's VAE, both from the values of runwayml/stable-diffusion-v1-5 unet/ and vae/config.json; DINOv2
@@ -14,17 +14,20 @@ backward down to the U-Net output. The rest of the step is the same with or with
 MSE and DINOv2 gradients at the U-Net output and runs the U-Net backward once), so the term is timed on its own,
 which avoids subtracting two noisy step times. Sections:
 
-flops      FLOPs of the term (forward + backward to the U-Net output), batch 1, and of the U-Net LoRA step for
-           scale: torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention) on the meta device.
+flops      FLOPs per sample of the term (forward + backward to the U-Net output; batch 2 / 2, so a sample
+           fraction of 0.5 draws exactly one) and of the U-Net LoRA step for scale:
+           torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention) on the meta device.
 memory     peak live tensor bytes (utils.memory.LiveTensorPeak, meta device: no compute) of the term alone and of
            a whole step (U-Net forward + MSE + term + backward), batch 1 and the seed's batch (8); frozen weights
            and the optimizer state are not included (the same for every variant).
-time       the variants in ONE process on the CPU, interleaved: each round runs every variant once (order rotated
-           per round), after one untimed warm-up call each; target caches warm. Per variant: median and min-max
-           seconds; per round the ratio to the reference term's overhead; peak RSS above the call's start.
-agreement  the crop term against the full-image term (fast): the crop expectation over all tiles (exact: each
-           sample's tile is uniform over the tiles, and the loss is a per-sample sum) vs the full-image value
-           (relative error) and gradient w.r.t. the U-Net output (cosine, norm ratio), plus one-tile draws.
+time       the --time variants in ONE process on the CPU, interleaved: each round runs every variant once (order
+           rotated per round), after one untimed warm-up call each (--warmup 0: none); target caches warm. Per
+           variant: median and min-max seconds; per round the ratio to the reference term; peak RSS above the
+           call's start. A variant with sample fraction p < 1 is reported as p x its p = 1 counterpart's time
+           per round (a step decodes a drawn sample or skips the term).
+agreement  a variant against the full-image term on every sample (fast): the exact expectation over every random
+           outcome of the variant (all crop tiles; all sample subsets, with their probabilities) vs the full
+           value (relative error) and gradient w.r.t. the U-Net output (cosine, norm ratio), and single draws.
 """
 
 from __future__ import annotations
