@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch["index"].tolist(),
                 batch["flip"].tolist(),
                 target_latents=latents,
+                generator=gen,
             )
             loss = loss + args.dinov2_loss_weight * dino
             logs["loss_dinov2"] = dino.detach()

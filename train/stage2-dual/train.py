@@ -336,12 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         logs = {"loss_mse": loss.detach(), "loss_mse_blend": mse_b.detach(), "loss_mse_fg": mse_f.detach()}
         idx, flips = batch["index"].tolist(), batch["flip"].tolist()
         if perceptual is not None:
-            d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b)
+            d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b, generator=gen)
             dino = d_b
             logs["loss_dinov2_blend"] = d_b.detach()
             logs.update({f"{k}_blend" if k.startswith("dinov2_layer") else k: v for k, v in dl.items()})
             if perceptual_fg is not None:
-                d_f, _ = perceptual_fg(pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f)
+                d_f, _ = perceptual_fg(
+                    pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f, generator=gen
+                )
                 logs["loss_dinov2_fg"] = d_f.detach()
                 dino = 0.5 * (d_b + d_f)
             loss = loss + args.dinov2_loss_weight * dino
