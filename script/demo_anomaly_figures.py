@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from datasets.mvtec import defect_images, list_defects, mask_path_for  # noqa: E402
-from eval.mask_extraction import extract_mask, mask_iou, mask_to_image  # noqa: E402
+from eval.mask_extraction import MaskParams, extract_mask, mask_iou, mask_to_image  # noqa: E402
 from utils.cli import raise_if_problems, run_cli  # noqa: E402
 from utils.figures import save_labelled_grid  # noqa: E402
 from utils.images import list_images  # noqa: E402
@@ -67,7 +67,8 @@ def generated_triplets_figure(gen_dir: Path, defect: str, out: Path, rows: int) 
 
 
 def synthetic_mask_figure(mvtec_root: Path, class_name: str, out: Path, rows: int) -> dict[str, float]:
-    """Mask extraction on fg = image x true mask of every synthetic defect; mean IoU per defect type."""
+    """Mask extraction on the fg the stage-2 trainer sees by default (the image inside the true mask, the
+    references' grey background outside it) of every synthetic defect; mean IoU per defect type."""
     ious: dict[str, list[float]] = {}
     cells, labels = [], []
     defects = list_defects(mvtec_root, class_name)
@@ -76,8 +77,8 @@ def synthetic_mask_figure(mvtec_root: Path, class_name: str, out: Path, rows: in
         for k, path in enumerate(defect_images(mvtec_root, class_name, defect)):
             image = np.asarray(Image.open(path).convert("RGB"))
             truth = np.asarray(Image.open(mask_path_for(path)).convert("L")) > 127
-            fg = image * truth[..., None]
-            pred = extract_mask(fg)
+            fg = np.where(truth[..., None], image, 128).astype(np.uint8)  # grey = 0 in [-1, 1]
+            pred = extract_mask(fg, MaskParams(background="grey"))
             iou = mask_iou(pred, truth)
             ious.setdefault(defect, []).append(iou)
             if k < shown_per_defect:
@@ -89,7 +90,7 @@ def synthetic_mask_figure(mvtec_root: Path, class_name: str, out: Path, rows: in
         out,
         ncols=3,
         row_labels=labels,
-        col_labels=["fg = image x true mask", "true mask", "extracted mask"],
+        col_labels=["fg: image in the true mask, grey elsewhere", "true mask", "extracted mask"],
         title=f"Mask extraction on synthetic {class_name} defects: mean IoU "
         + ", ".join(f"{d} {v:.2f}" for d, v in mean.items()),
     )

@@ -23,7 +23,8 @@ if [ $# -ne 1 ]; then
   exit 2
 fi
 CLASS=$1
-PY=${PYTHON:-.env/bin/python}
+source script/lib/python.sh  # PYTHON, else .env/bin/python, else python3
+PY=$PYTHON
 MVTEC_ROOT=${MVTEC_ROOT:-datasets/mvtec_ad}
 GEN_ROOT=${GEN_ROOT:-generate_data}
 OUT=${OUT:-outputs/downstream}
