@@ -40,6 +40,7 @@ from train.core import (  # noqa: E402
 from train.core.config import perf_settings  # noqa: E402
 from train.core.perf import loader_kwargs as perf_loader_kwargs  # noqa: E402
 from train.urepa.checkpoint import EMA_FILE, save_extra_state  # noqa: E402
+from train.urepa.config_schema import URepaConfig  # noqa: E402
 from train.urepa.data import (  # noqa: E402
     apply_cfg_dropout,
     build_dataset,
@@ -56,6 +57,7 @@ from train.urepa.setup import (  # noqa: E402
     load_vae,
     resolve_sd_dir,
 )
+from utils.cli import run_cli  # noqa: E402
 from utils.config import add_config_args, load_config, save_config  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -314,7 +316,7 @@ def save_sample_grid(accelerator, model, ema, cfg, sd_dir, table, step, out_dir:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, schema=URepaConfig)
     core = core_config(cfg)
     accelerator = make_accelerator(
         core, dataloader_config=_seedable_loader(core.seed)
@@ -383,4 +385,4 @@ def load_ema(ema: ParamEMA, extra: dict[str, Any], ckpt: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

@@ -10,9 +10,13 @@ Layout of a cache directory::
       writers/<writer>.json       per-writer progress: its shards, committed count, corrupt ids, finished flag
       .lock                       flock() target that serialises metadata merges between processes
 
-* Key = the sample id (UTF-8), value = the tensor's raw bytes (C order, little endian). Shape and dtype are
-  cache-wide and live in ``metadata.json`` (``shape``, ``dtype``), so a record carries no header: reading one
-  is a single ``memcpy``.
+* Key = the sample id (UTF-8), value = the tensor's raw bytes (C order, little endian) followed by a checksum
+  (``metadata["checksum"]``: 8 bytes of xxh3-64, or 4 of crc32 where xxhash is not installed) of the key, the
+  dtype, the shape and those bytes. Shape and dtype are cache-wide and live in ``metadata.json`` (``shape``,
+  ``dtype``; each writer also notes them in its ``writers/*.json``), so reading a record is one ``memcpy`` plus
+  the checksum (see docs/urepa_preprocessing.md for what verifying costs).
+* Caches written before checksums (``format_version`` 1, no ``checksum`` field) are read without verification,
+  with a warning; a resumed build keeps writing them in their own format, never a mix.
 * Shards fill in write order. Each writer process (``writer_id``, e.g. ``part002-of-008`` for the third of
   eight parallel jobs) owns its shard files, so parallel jobs never share an LMDB environment and never need
   a cross-process write lock; "merging" is nothing more than the reader opening every ``shards/*`` env.
@@ -22,6 +26,11 @@ Layout of a cache directory::
 * Unreadable inputs are recorded with :meth:`LMDBCacheWriter.mark_corrupt` and reported in the metadata
   (``num_corrupt``, ``corrupt``); they are retried on the next run (decoding a bad file fails fast), and an id
   that later succeeds is no longer reported.
+* Bad data is found, never served: every shard's ``data.mdb`` is checked against the size its newest meta page
+  needs before it is mapped (a truncated file would otherwise kill the process with SIGBUS); on open the
+  metadata's shape/dtype is checked against the writers' notes and against a sample of records (length and
+  checksum); on every read the record's length and checksum are checked (:class:`CorruptRecordError`). Whole
+  caches: ``python preprocessing/verify_cache.py CACHE``.
 * The reader opens its environments lazily and again in each process (after a DataLoader fork or spawn),
   read-only, ``lock=False``, ``readahead=False``, through a per-process registry (py-lmdb forbids opening
   one environment twice in a process). Its key index is a sorted NumPy byte-string array (no
@@ -33,7 +42,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,8 +55,18 @@ import numpy as np
 import torch
 
 from utils.checkpoint import atomic_write
+from utils.logging import get_logger
 
-FORMAT_VERSION = 1
+try:  # xxh3 hashes at memory speed (~50 GB/s); zlib's crc32 is ~10x slower (see docs/urepa_preprocessing.md)
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash is in requirements.txt
+    xxhash = None
+
+logger = get_logger("lmdb_cache")
+
+FORMAT_VERSION = 2  # 2: values end with a checksum; 1: bare tensor bytes (read without verification)
+CHECKSUM_BYTES = {"xxh3_64": 8, "crc32": 4}
+DEFAULT_CHECKSUM = "xxh3_64" if xxhash is not None else "crc32"
 METADATA_FILE = "metadata.json"
 SHARDS_DIR = "shards"
 WRITERS_DIR = "writers"
@@ -58,7 +79,17 @@ DTYPES: dict[str, torch.dtype] = {
 # Fields the writer maintains itself; everything else in the metadata describes the cache contents and must
 # match when a run resumes into an existing cache.
 VOLATILE_FIELDS = frozenset(
-    {"count", "num_corrupt", "corrupt", "shards", "writers", "shard_size", "format_version", "updated"}
+    {
+        "count",
+        "num_corrupt",
+        "corrupt",
+        "shards",
+        "writers",
+        "shard_size",
+        "format_version",
+        "updated",
+        "checksum",
+    }
 )
 # Overflow-page rounding and B-tree overhead per record, used to size a shard's map.
 _RECORD_OVERHEAD = 4096
@@ -98,6 +129,95 @@ def estimate_cache_bytes(num_records: int, shape: Iterable[int], dtype: str) -> 
     return num_records * per_record
 
 
+class CacheCorruptError(ValueError):
+    """A cache file or record that cannot be used as it is; the message names it and says how to repair it."""
+
+
+class TruncatedShardError(CacheCorruptError):
+    """A shard's ``data.mdb`` is shorter than its own meta page says (reading it would raise SIGBUS)."""
+
+
+class MetadataMismatchError(CacheCorruptError):
+    """metadata.json does not describe the records (edited, or from another cache); the message names the field."""
+
+
+class CorruptRecordError(CacheCorruptError):
+    """One record with a wrong length or checksum (``key``, ``shard``: where)."""
+
+    def __init__(self, message: str, key: str, shard: Path) -> None:
+        super().__init__(message)
+        self.key = key
+        self.shard = shard
+
+
+def rebuild_hint(shard: Path) -> str:
+    return (
+        f"To rebuild it: delete {shard} and rerun the same cache-building command (same --csv and output "
+        "directory; preprocessing/build_caches.py, encode_vae_latents.py or build_dino_cache.py): it recomputes "
+        "only the records that are missing. `python preprocessing/verify_cache.py "
+        f"{shard.parent.parent}` checks the other shards."
+    )
+
+
+class RecordFormat:
+    """How one record is stored: the tensor's bytes, then (``checksum`` not None) a checksum of
+    (dtype, shape, key, bytes) -- so a record read under another key, dtype or shape fails too.
+
+    ``checksum=None`` is the format-1 layout of older caches: the bytes only.
+    """
+
+    def __init__(self, shape: Iterable[int], dtype: str, checksum: str | None) -> None:
+        if checksum is not None and checksum not in CHECKSUM_BYTES:
+            raise ValueError(f"unknown cache checksum {checksum!r}; known: {sorted(CHECKSUM_BYTES)}")
+        if checksum == "xxh3_64" and xxhash is None:
+            raise ImportError("this cache uses xxh3_64 checksums: `pip install xxhash` (in requirements.txt)")
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self.checksum = checksum
+        self.nbytes = record_nbytes(self.shape, dtype)
+        self.value_nbytes = self.nbytes + CHECKSUM_BYTES.get(checksum, 0)
+        header = json.dumps([dtype, list(self.shape)]).encode()
+        self._seed = xxhash.xxh3_64_intdigest(header) if checksum == "xxh3_64" else zlib.crc32(header)
+
+    def digest(self, key: bytes, payload: Any) -> bytes:
+        if self.checksum == "xxh3_64":
+            seed = xxhash.xxh3_64_intdigest(key, seed=self._seed)
+            return xxhash.xxh3_64_intdigest(payload, seed=seed).to_bytes(8, "little")
+        return zlib.crc32(payload, zlib.crc32(key, self._seed)).to_bytes(4, "little")
+
+    def encode(self, key: bytes, tensor: torch.Tensor) -> bytes:
+        payload = tensor_to_bytes(tensor)
+        return payload + self.digest(key, payload) if self.checksum else payload
+
+    def length_problem(self, value: Any) -> str | None:
+        if len(value) == self.value_nbytes:
+            return None
+        return (
+            f"{len(value)} bytes, but metadata.json's shape {list(self.shape)} x dtype {self.dtype} "
+            f"gives {self.nbytes}"
+            + (f" (+{self.value_nbytes - self.nbytes} checksum)" if self.checksum else "")
+        )
+
+    def checksum_ok(self, key: bytes, value: Any) -> bool:
+        """Whether the trailer matches (length already checked; always True without checksums)."""
+        if not self.checksum:
+            return True
+        view = memoryview(value)
+        return self.digest(key, view[: self.nbytes]) == bytes(view[self.nbytes :])
+
+    def problem(self, key: bytes, value: Any, verify: bool = True) -> str | None:
+        """None when ``value`` is a good record for ``key``, else what is wrong with it."""
+        bad_length = self.length_problem(value)
+        if bad_length:
+            return bad_length
+        if verify and not self.checksum_ok(key, value):
+            return (
+                f"{self.checksum} checksum mismatch: the bytes changed after they were written (or were "
+                "written under another key, dtype or shape)"
+            )
+        return None
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``metadata.json`` of a cache directory, with a clear error when it is not a cache."""
     meta_path = Path(path) / METADATA_FILE
@@ -117,10 +237,40 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in shards_dir.iterdir() if p.is_dir() and (p / "data.mdb").is_file())
 
 
-def _open_readonly(shard: Path) -> lmdb.Environment:
-    return lmdb.open(
+def open_shard_readonly(shard: Path) -> lmdb.Environment:
+    """A read-only handle on ``shard`` whose file size was checked (:func:`check_shard_size`); an LMDB that
+    cannot be opened at all raises ``lmdb.Error``."""
+    env = lmdb.open(
         str(shard), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True
     )
+    try:
+        check_shard_size(shard, env)
+    except TruncatedShardError:
+        env.close()
+        raise
+    return env
+
+
+def check_shard_size(shard: Path, env: lmdb.Environment) -> None:
+    """Raise :class:`TruncatedShardError` if ``data.mdb`` is shorter than the pages its newest meta page uses.
+
+    LMDB maps the whole file and reads pages through the mapping: a page past the end of a truncated file
+    raises SIGBUS ("Bus error"), which kills the process before Python can report anything. Opening is safe --
+    LMDB reads the two meta pages with ``pread`` and fails cleanly (``lmdb.Error``) when they are missing --
+    and ``env.info()``/``env.stat()`` only read those meta pages. The newest meta page (highest txn id, the one
+    ``info()`` reports) records ``last_pgno``, the highest page any committed B-tree page or overflow value
+    uses, and LMDB writes data pages before the meta page that points to them. So every readable record lies
+    in the first ``(last_pgno + 1) * psize`` bytes, and a file at least that long is never read past its end
+    (pages after it are free or from an aborted write); a shorter file is truncated.
+    """
+    need = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    have = _file_size(shard)
+    if have < need:
+        raise TruncatedShardError(
+            f"LMDB shard {shard / 'data.mdb'} is truncated: {have:,} bytes on disk, but its last committed "
+            f"transaction uses {need:,} bytes (a copy cut short, a full disk or a file-system error); its "
+            f"records cannot be read. {rebuild_hint(shard)}"
+        )
 
 
 # py-lmdb refuses to open one environment twice in a process, and a forked DataLoader worker inherits the
@@ -142,7 +292,10 @@ def shared_readonly_env(shard: Path | str) -> lmdb.Environment:
     key = str(shard)
     env = _ENVS.get(key)
     if env is None:
-        env = _open_readonly(Path(shard))
+        try:
+            env = open_shard_readonly(Path(shard))
+        except lmdb.Error as err:
+            raise _unopenable(Path(shard), err) from err
         _ENVS[key] = env
     return env
 
@@ -161,7 +314,7 @@ def _readonly(shard: Path) -> Iterator[lmdb.Environment]:
     if _ENVS_PID == os.getpid() and str(shard) in _ENVS:
         yield _ENVS[str(shard)]
         return
-    env = _open_readonly(shard)
+    env = open_shard_readonly(shard)
     try:
         yield env
     finally:
@@ -171,6 +324,10 @@ def _readonly(shard: Path) -> Iterator[lmdb.Environment]:
 def _scan_keys(shard: Path) -> list[bytes]:
     with _readonly(shard) as env, env.begin(buffers=False) as txn:
         return list(txn.cursor().iternext(keys=True, values=False))
+
+
+def _unopenable(shard: Path, err: lmdb.Error) -> CacheCorruptError:
+    return CacheCorruptError(f"cannot open LMDB shard {shard}: {err}. {rebuild_hint(shard)}")
 
 
 @contextmanager
@@ -194,12 +351,6 @@ def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def bytes_to_tensor(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """One copy from the (read-only, transaction-bound) LMDB buffer into a fresh tensor."""
-    arr = np.frombuffer(buf, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).view(dtype).view(shape)
-
-
 class LMDBCacheWriter:
     """Append tensors to a sharded LMDB cache, resumably.
 
@@ -213,6 +364,8 @@ class LMDBCacheWriter:
             ``part{index:03d}-of-{count:03d}``). A rerun with the same id appends to its last non-full shard.
         commit_every: :meth:`put` commits automatically after this many pending records (jobs also call
             :meth:`commit` after each batch).
+        checksum: per-record checksum of a new cache (``xxh3_64``, ``crc32``, or None for the checksum-less
+            format 1 of older caches). An existing cache keeps its own, so that it never holds a mix.
     """
 
     def __init__(
@@ -222,6 +375,7 @@ class LMDBCacheWriter:
         shard_size: int = 10000,
         writer_id: str = "part000-of-001",
         commit_every: int = 256,
+        checksum: str | None = DEFAULT_CHECKSUM,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -241,16 +395,19 @@ class LMDBCacheWriter:
         (self.path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         (self.path / WRITERS_DIR).mkdir(parents=True, exist_ok=True)
         self._lock_path = self.path / ".lock"
+        self.checksum = checksum
         self._check_or_init_metadata()
+        self.format = RecordFormat(self.shape, metadata["dtype"], self.checksum)
 
         self._keys: set[bytes] = set()
         for shard in list_shards(self.path):
             try:
                 self._keys.update(_scan_keys(shard))
-            except lmdb.Error:
-                # a parallel job may be creating this shard right now; its ids are that job's part anyway
+            except lmdb.Error as err:
+                # A parallel job may be creating this shard right now (an empty file fails to open); its ids
+                # are that job's part anyway. A truncated shard (TruncatedShardError) is an error for all.
                 if shard.name.startswith(f"{writer_id}-"):
-                    raise
+                    raise _unopenable(shard, err) from err
         self.num_existing = len(self._keys)
 
         state_path = self.path / WRITERS_DIR / f"{writer_id}.json"
@@ -281,6 +438,14 @@ class LMDBCacheWriter:
             meta_path = self.path / METADATA_FILE
             if meta_path.is_file():
                 existing = json.loads(meta_path.read_text())
+                if existing.get("checksum", None) != self.checksum:
+                    self.checksum = existing.get("checksum")
+                    if self.checksum is None:
+                        logger.warning(
+                            "%s was built before per-record checksums (format 1): resuming in that format; "
+                            "build into a new directory to get checksums",
+                            self.path,
+                        )
                 diffs = {
                     k: (existing.get(k), v)
                     for k, v in self.identity.items()
@@ -309,7 +474,8 @@ class LMDBCacheWriter:
         stored = {k.decode() for k in getattr(self, "_keys", set())}
         corrupt = {k: v for k, v in corrupt.items() if k not in stored}
         meta.update(
-            format_version=FORMAT_VERSION,
+            format_version=FORMAT_VERSION if self.checksum else 1,
+            checksum=self.checksum,
             shard_size=self.shard_size,
             count=count,
             num_corrupt=len(corrupt),
@@ -331,6 +497,9 @@ class LMDBCacheWriter:
             "count": self._committed_count(),
             "corrupt": dict(sorted(corrupt.items())),
             "finished": finished,
+            # what this writer's records are, for the reader to check metadata.json against
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
         }
         _write_json(self.path / WRITERS_DIR / f"{self.writer_id}.json", state)
 
@@ -359,7 +528,7 @@ class LMDBCacheWriter:
 
     # ------------------------------------------------------------------------------------------- shards
     def _map_size(self) -> int:
-        per = self.nbytes + _RECORD_OVERHEAD + 256
+        per = self.format.value_nbytes + _RECORD_OVERHEAD + 256
         return int(self.shard_size * per * 1.1) + (32 << 20)
 
     def _open_current_shard(self) -> None:
@@ -373,7 +542,9 @@ class LMDBCacheWriter:
                 )
                 self._env_count = count
                 return
-        name = f"{self.writer_id}-{len(self._shards):05d}"
+        # after the highest existing number, not the count: a deleted (bad) shard leaves a gap
+        number = max((int(n.rsplit("-", 1)[1]) + 1 for n in self._shards), default=0)
+        name = f"{self.writer_id}-{number:05d}"
         self._env = lmdb.open(str(self.path / SHARDS_DIR / name), map_size=self._map_size(), subdir=True)
         self._env_count = 0
         self._shards.append(name)
@@ -409,7 +580,7 @@ class LMDBCacheWriter:
             raise ValueError(f"cache keys must be 1..511 bytes of UTF-8, got {key!r}")
         if self.has(key):
             raise KeyError(f"{self.path}: key {key!r} is already in the cache (check writer.has(key) first)")
-        self._pending.append((k, tensor_to_bytes(tensor)))
+        self._pending.append((k, self.format.encode(k, tensor)))
         self._pending_keys.add(k)
         self.corrupt.pop(key, None)
         self._previous_corrupt.pop(key, None)
@@ -497,20 +668,47 @@ class LMDBCacheReader:
     ``reader.get(id)`` returns a fresh tensor with the stored dtype (fp16/bf16 are preserved) and shape.
     Environments are opened on first use in each process, so the reader can be created in the main process
     and used in DataLoader workers.
+
+    Checks (see the module docstring): each shard's file size when it is opened; on construction, metadata.json's
+    ``shape``/``dtype`` against the writers' notes and ``sample_records`` records (length and checksum), errors
+    naming the cache and the field; on every read, the record's length and (``verify``) checksum, a
+    :class:`CorruptRecordError` naming the cache, the shard and the key. ``verify=False`` skips the checksums only.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, verify: bool = True, sample_records: int = 16) -> None:
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
-        self.dtype = parse_dtype(self.metadata["dtype"])
-        self.shape = tuple(int(s) for s in self.metadata["shape"])
+        meta_file = self.path / METADATA_FILE
+        for name in ("shape", "dtype"):
+            if name not in self.metadata:
+                raise CacheCorruptError(f"{meta_file}: field {name!r} is missing (rebuild the cache)")
+        try:
+            self.dtype = parse_dtype(self.metadata["dtype"])
+            self.shape = tuple(int(s) for s in self.metadata["shape"])
+        except (TypeError, ValueError) as err:
+            raise MetadataMismatchError(f"{meta_file}: field 'shape' or 'dtype' is malformed: {err}") from err
+        self.checksum = self.metadata.get("checksum")
+        self.format = RecordFormat(self.shape, self.metadata["dtype"], self.checksum)
+        self.verify = bool(verify) and self.checksum is not None
+        if self.checksum is None:
+            logger.warning(
+                "%s has no per-record checksums (built before format 2): records are read without "
+                "verification (lengths are still checked); rebuild it into a new directory to get them",
+                self.path,
+            )
+        self._check_writer_notes()
         self.shard_paths = list_shards(self.path)
         keys: list[bytes] = []
         owners: list[np.ndarray] = []
+        samples: list[tuple[int, bytes]] = []
         for i, shard in enumerate(self.shard_paths):
-            shard_keys = _scan_keys(shard)
+            try:
+                shard_keys = _scan_keys(shard)
+            except lmdb.Error as err:
+                raise _unopenable(shard, err) from err
             keys.extend(shard_keys)
             owners.append(np.full(len(shard_keys), i, dtype=np.int32))
+            samples += [(i, shard_keys[0])] if shard_keys else []  # every shard, plus random ones below
         key_array = np.array(keys, dtype=np.bytes_) if keys else np.array([], dtype="S1")
         order = np.argsort(key_array, kind="stable")
         self._sorted_keys = key_array[order]
@@ -518,6 +716,84 @@ class LMDBCacheReader:
         if len(self._sorted_keys) > 1 and (self._sorted_keys[1:] == self._sorted_keys[:-1]).any():
             dup = self._sorted_keys[1:][self._sorted_keys[1:] == self._sorted_keys[:-1]][0].decode()
             raise ValueError(f"{self.path}: key {dup!r} is stored in more than one shard (corrupt cache)")
+        if sample_records > 0:
+            picks = random.Random(0).sample(range(len(keys)), min(len(keys), sample_records))
+            self._check_sample(samples + [(int(self._owners[j]), self._sorted_keys[j]) for j in picks])
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _check_writer_notes(self) -> None:
+        """metadata.json's shape/dtype against what each writer noted it wrote (writers/*.json)."""
+        for state_path in sorted((self.path / WRITERS_DIR).glob("*.json")):
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                continue  # progress notes only; the record checks below still apply
+            for name, have in (("shape", list(self.shape)), ("dtype", self.metadata["dtype"])):
+                wrote = state.get(name)
+                if wrote is not None and wrote != have:
+                    raise MetadataMismatchError(
+                        f"{self.path / METADATA_FILE}: field {name!r} is {have!r}, but writer {state_path.stem} "
+                        f"wrote its records as {wrote!r} ({state_path}); metadata.json was edited or belongs "
+                        f"to another cache: restore {name} = {wrote!r}, or rebuild the cache"
+                    )
+
+    def _check_sample(self, samples: list[tuple[int, bytes]]) -> None:
+        """Length and checksum of a few records: when all of them fail, metadata.json does not describe the
+        records (an error naming the field); when only some do, those records are corrupt (a warning)."""
+        bad: list[tuple[str, str, Any]] = []
+        for shard, key in samples:
+            value = self.get_value(key.decode(), shard, check=False)
+            problem = self.format.problem(key, value, verify=self.verify)
+            if problem:
+                bad.append((key.decode(), problem, value))
+        if not bad:
+            return
+        if len(bad) < len(samples):
+            for key, problem, _ in bad:
+                logger.warning(
+                    "%s: record %r is corrupt (%s); run preprocessing/verify_cache.py %s",
+                    self.path,
+                    key,
+                    problem,
+                    self.path,
+                )
+            return
+        key, problem, value = bad[0]
+        raise MetadataMismatchError(
+            f"{self.path / METADATA_FILE}: {self._which_field(key.encode(), value)}; all {len(samples)} sampled "
+            f"records disagree with it (e.g. {key!r}: {problem}). Restore metadata.json, or rebuild the cache "
+            "(if metadata.json is right, the records are corrupt: preprocessing/verify_cache.py lists them)"
+        )
+
+    def _which_field(self, key: bytes, value: Any) -> str:
+        """Which metadata field the records contradict (they all fail: the metadata is what is wrong)."""
+        payload = len(value) - (self.format.value_nbytes - self.format.nbytes)
+        numel = int(np.prod(self.shape))
+        for name in DTYPES:
+            other = RecordFormat(self.shape, name, self.checksum)
+            if name != self.metadata["dtype"] and other.length_problem(value) is None:
+                if self.checksum is None or other.checksum_ok(key, value):
+                    return f"field 'dtype' is {self.metadata['dtype']!r}, but the records were written as {name!r}"
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if payload % itemsize == 0 and payload // itemsize != numel:
+            return (
+                f"field 'shape' {list(self.shape)} has {numel} elements, but the records hold "
+                f"{payload // itemsize} {self.metadata['dtype']} values"
+            )
+        return (
+            f"field 'shape' {list(self.shape)} or 'dtype' {self.metadata['dtype']!r} is not what the records were "
+            "written with"
+        )
+
+    def _bad_record(self, key: str, shard: int, problem: str) -> CorruptRecordError:
+        path = self.shard_paths[shard]
+        return CorruptRecordError(
+            f"{self.path}: record {key!r} in shard {path.name} is corrupt: {problem}. "
+            f"Find all bad records with `python preprocessing/verify_cache.py {self.path}` (--delete_bad, then "
+            "rerun the cache-building command to recompute them)",
+            key,
+            path,
+        )
 
     @property
     def corrupt_ids(self) -> dict[str, str]:
@@ -543,41 +819,66 @@ class LMDBCacheReader:
             raise KeyError(f"{self.path}: no record for id {key!r}")
         return shard
 
-    def get_bytes(self, key: str, shard: int | None = None) -> bytes:
-        """The raw record (for benchmarks and tools)."""
+    def get_value(self, key: str, shard: int | None = None, check: bool = True) -> bytes:
+        """The stored value (tensor bytes + checksum), checked unless ``check=False`` (for tools)."""
         shard = self._shard_of(key) if shard is None else shard
         with self._env(shard).begin(buffers=False) as txn:
             value = txn.get(key.encode())
         if value is None:
             raise KeyError(f"{self.path}: no record for id {key!r} in shard {self.shard_paths[shard].name}")
+        if check:
+            problem = self.format.problem(key.encode(), value, verify=self.verify)
+            if problem:
+                raise self._bad_record(key, shard, problem)
         return value
 
-    def get(self, key: str, shard: int | None = None) -> torch.Tensor:
-        """The tensor stored under ``key`` (``shard`` from :meth:`locate` skips the index lookup)."""
-        shard = self._shard_of(key) if shard is None else shard
-        with self._env(shard).begin(buffers=True) as txn:
-            buf = txn.get(key.encode())
-            if buf is None:
-                raise KeyError(
-                    f"{self.path}: no record for id {key!r} in shard {self.shard_paths[shard].name}"
-                )
-            return bytes_to_tensor(buf, self.dtype, self.shape)
+    def get_bytes(self, key: str, shard: int | None = None) -> bytes:
+        """The tensor's raw bytes, checked (for benchmarks and tools)."""
+        return self.get_value(key, shard)[: self.format.nbytes]
 
-    def read_into(self, key: str, out: torch.Tensor, shard: int | None = None) -> torch.Tensor:
+    def get(self, key: str, shard: int | None = None, verify: bool | None = None) -> torch.Tensor:
+        """The tensor stored under ``key`` (``shard`` from :meth:`locate` skips the index lookup); raises
+        :class:`CorruptRecordError` on a wrong length or checksum (``verify``: as in :meth:`read_into`)."""
+        with self._payload(key, shard, verify) as payload:
+            arr = np.frombuffer(payload, dtype=np.uint8).copy()
+        return torch.from_numpy(arr).view(self.dtype).view(self.shape)
+
+    def read_into(
+        self, key: str, out: torch.Tensor, shard: int | None = None, verify: bool | None = None
+    ) -> torch.Tensor:
         """Copy the record straight into ``out`` (contiguous, the cache's shape and dtype): one copy, used to
-        fill a preallocated batch without a per-sample tensor."""
+        fill a preallocated batch without a per-sample tensor. Raises :class:`CorruptRecordError` (``out`` then
+        holds garbage) on a wrong length, or on a wrong checksum when ``verify`` (default: the reader's
+        ``verify``; never for caches without checksums)."""
+        dst = out.view(-1).view(torch.uint8).numpy()
+        if dst.nbytes != self.format.nbytes:
+            raise ValueError(f"{self.path}: records have {self.format.nbytes} bytes, the output {dst.nbytes}")
+        with self._payload(key, shard, verify) as payload:
+            dst[:] = np.frombuffer(payload, dtype=np.uint8)
+        return out
+
+    @contextmanager
+    def _payload(self, key: str, shard: int | None, verify: bool | None) -> Iterator[memoryview]:
+        """The record's tensor bytes (length checked) while the read transaction is open; after the caller's
+        copy, the checksum of the source, whose cache lines are still hot (hashing the copy instead measured
+        dearer: large copies bypass the cache)."""
+        verify = self.verify if verify is None else (verify and self.checksum is not None)
         shard = self._shard_of(key) if shard is None else shard
+        k = key.encode()
         with self._env(shard).begin(buffers=True) as txn:
-            buf = txn.get(key.encode())
+            buf = txn.get(k)
             if buf is None:
                 raise KeyError(
                     f"{self.path}: no record for id {key!r} in shard {self.shard_paths[shard].name}"
                 )
-            dst = out.view(-1).view(torch.uint8).numpy()
-            if dst.nbytes != len(buf):
-                raise ValueError(f"{self.path}: record {key!r} has {len(buf)} bytes, the output {dst.nbytes}")
-            dst[:] = np.frombuffer(buf, dtype=np.uint8)
-        return out
+            bad_length = self.format.length_problem(buf)
+            if bad_length:
+                raise self._bad_record(key, shard, bad_length)
+            view = memoryview(buf)
+            payload = view[: self.format.nbytes]
+            yield payload
+            if verify and self.format.digest(k, payload) != bytes(view[self.format.nbytes :]):
+                raise self._bad_record(key, shard, self.format.problem(k, buf) or "checksum mismatch")
 
     def keys(self) -> list[str]:
         return [k.decode() for k in self._sorted_keys.tolist()]

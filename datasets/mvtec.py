@@ -25,6 +25,14 @@ bilinearly and binarised at 0.5 (``mask >= 0.5``), as the references do.
 
 fg image = the image where the mask is set and a constant background elsewhere: ``grey`` (0 in [-1, 1],
 default) is the references' ``normalised image x mask``; ``black`` (-1) is this repository's earlier choice.
+
+A ground-truth mask of another size than its image is an error naming both files, or with
+``mask_size_mismatch="resize"`` (``--mask_size_mismatch resize``) first stretched onto the image's pixel grid
+(PIL bilinear), so that image and mask are then resized and cropped alike.
+
+Reading: 16-bit images and masks are scaled to 8 bits (never clipped; utils/images.py); an unreadable image,
+including one whose header claims more than ``max_pixels`` pixels (``--max_image_pixels``, a decompression-bomb
+guard), is an error naming the file: a few-shot set has no image to spare.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.images import load_rgb
+from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_RULES = ("official", "ceil")
@@ -49,6 +57,9 @@ RESIZE_MODES = ("bilinear", "bicubic_center_crop")
 # fg background value in the [-1, 1] pixel range the model sees
 FG_BACKGROUNDS = {"grey": 0.0, "black": -1.0}
 MASK_THRESHOLD = 0.5
+# A ground-truth mask whose size differs from its image's: an error (default), or mapped onto the image's
+# pixel grid first (bilinear resize to the image's size) and then resized and cropped exactly like the image.
+MASK_SIZE_MISMATCH = ("error", "resize")
 # Classes the reference training code never flips (its transforms for "cable" have no random flips).
 REFERENCE_NO_FLIP_CLASSES = ("cable",)
 
@@ -183,14 +194,17 @@ def _center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return x[:, top : top + resolution, left : left + resolution]
 
 
-def _load_image(path: Path, resolution: int, resize_mode: str = "bilinear") -> torch.Tensor:
+def _load_image(
+    path: Path, resolution: int, resize_mode: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
     """uint8 [3, R, R]: shorter side resized to R (``resize_mode``), centre crop."""
     from PIL import Image
 
     _check_choice("resize_mode", resize_mode, RESIZE_MODES)
-    img = load_rgb(path)
-    if img is None:
-        raise ValueError(f"cannot read image {path} (corrupt or not an image)")
+    try:
+        img = read_image(path, "RGB", max_pixels)
+    except UnreadableImageError as err:
+        raise ValueError(f"cannot read image {err} (fix or remove the file)") from err
     if resize_mode == "bilinear":
         size = _reference_size(*img.size, resolution)
         if size != img.size:
@@ -201,25 +215,47 @@ def _load_image(path: Path, resolution: int, resize_mode: str = "bilinear") -> t
     return _resize_center_crop(x, resolution, mode="bicubic").round().clamp(0, 255).to(torch.uint8)
 
 
-def _load_mask(path: Path, resolution: int, resize_mode: str = "bilinear") -> torch.Tensor:
+def _load_mask(
+    path: Path,
+    resolution: int,
+    resize_mode: str = "bilinear",
+    image_path: Path | None = None,
+    on_size_mismatch: str = "error",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
     """bool [1, R, R], binarised at 0.5 after a bilinear resize (PIL's on the 8-bit mask, as the references,
-    for ``resize_mode="bilinear"``; torch's on floats for ``bicubic_center_crop``)."""
-    from PIL import Image, UnidentifiedImageError
+    for ``resize_mode="bilinear"``; torch's on floats for ``bicubic_center_crop``).
+
+    Given ``image_path``, a mask of another size than its image is an error naming both files
+    (``on_size_mismatch="error"``), or first stretched to the image's size (``"resize"``) so that the resize
+    and crop below cut the same region of both.
+    """
+    from PIL import Image
 
     _check_choice("resize_mode", resize_mode, RESIZE_MODES)
+    _check_choice("mask size mismatch policy", on_size_mismatch, MASK_SIZE_MISMATCH)
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth mask missing: {path}")
     try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if resize_mode == "bilinear":
-                size = _reference_size(*im.size, resolution)
-                if size != im.size:
-                    im = im.resize(size, Image.BILINEAR)
-            m = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from err
-    x = torch.from_numpy(m)[None]
+        mask = read_image(path, "L", max_pixels)
+    except UnreadableImageError as err:
+        raise ValueError(f"cannot read mask {err}") from err
+    if image_path is not None:
+        with Image.open(image_path) as im:  # the header only: the image itself was decoded already
+            width, height = im.size
+        if (width, height) != mask.size:
+            if on_size_mismatch == "error":
+                raise ValueError(
+                    f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is {width}x{height}; "
+                    "resize the mask to its image, or pass --mask_size_mismatch resize to stretch it onto the "
+                    "image before both are resized and cropped alike"
+                )
+            mask = mask.resize((width, height), Image.BILINEAR)
+    if resize_mode == "bilinear":
+        size = _reference_size(*mask.size, resolution)
+        if size != mask.size:
+            mask = mask.resize(size, Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
     if resize_mode == "bilinear":
         return _center_crop(x, resolution) >= MASK_THRESHOLD
     return _resize_center_crop(x, resolution, mode="bilinear") >= MASK_THRESHOLD
@@ -281,13 +317,14 @@ class MVTecGoodDataset(Dataset):
         resolution: int,
         flip: str | None = None,
         resize_mode: str = "bilinear",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.flip = reference_flip(class_name) if flip is None else flip
         _check_choice("flip", self.flip, FLIP_MODES)
         _check_choice("resize_mode", resize_mode, RESIZE_MODES)
         self.paths = good_images(root, class_name)
         self.resolution = resolution
-        self.images = [_load_image(p, resolution, resize_mode) for p in self.paths]
+        self.images = [_load_image(p, resolution, resize_mode, max_pixels) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -316,6 +353,8 @@ class MVTecAnomalyPairDataset(Dataset):
         flip: str | None = None,
         resize_mode: str = "bilinear",
         fg_background: str = "grey",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        mask_size_mismatch: str = "error",
     ):
         self.flip = reference_flip(class_name) if flip is None else flip
         _check_choice("flip", self.flip, FLIP_MODES)
@@ -331,8 +370,11 @@ class MVTecAnomalyPairDataset(Dataset):
             )
         self.resolution = resolution
         self.background = FG_BACKGROUNDS[fg_background]
-        self.images = [_load_image(p, resolution, resize_mode) for p in self.paths]
-        self.masks = [_load_mask(m, resolution, resize_mode) for m in self.mask_paths]
+        self.images = [_load_image(p, resolution, resize_mode, max_pixels) for p in self.paths]
+        self.masks = [
+            _load_mask(m, resolution, resize_mode, p, mask_size_mismatch, max_pixels)
+            for m, p in zip(self.mask_paths, self.paths)
+        ]
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -12,7 +12,16 @@
 Everything is checked when the dataset is built, so a mismatch fails at start-up with the file and the values,
 not hours into training: the caches' metadata against ``expected`` and against each other, every CSV id present
 in both caches (ids the caches recorded as unreadable images are dropped with a warning), class ids within the
-embedding table. LMDB environments are opened lazily in each DataLoader worker (read-only, no locks).
+embedding table; the readers check each shard's file size and a sample of records against the metadata
+(datasets/lmdb_cache.py). LMDB environments are opened lazily in each DataLoader worker (read-only, no locks).
+
+Every record read is checked: its length always, its checksum the first time the sample is read in this run
+(``verify_checksums="once"``: a bitmap in shared memory, kept across DataLoader workers and epochs; hashing
+every read would cost a third of the copy, see docs/urepa_preprocessing.md), or on every read (``"always"``),
+or never (``"off"``). A bad record in :meth:`SD15AlignedDataset.get_batch` (the trainer's path) is skipped --
+the batch is one sample smaller -- counted (``num_bad_records``, per process) and logged with its cache, shard
+and key; ``on_bad_record="error"`` raises instead. Per-item access (``ds[i]``) always raises
+:class:`~datasets.lmdb_cache.CorruptRecordError`: it has no sample to return.
 
 CFG dropout and posterior sampling are deterministic functions of (seed, epoch, index): call ``set_epoch`` at
 the start of each epoch (before iterating a DataLoader; workers must not be persistent across epochs for the new
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from datasets.lmdb_cache import LMDBCacheReader, parse_dtype
+from datasets.lmdb_cache import CorruptRecordError, LMDBCacheReader, parse_dtype
 from datasets.sample_csv import read_sample_csv
 from utils.logging import get_logger
 
@@ -50,6 +59,8 @@ EXPECTATION_KEYS = {
     "clip_dim": ("clip", "dim"),
 }
 _MASK64 = (1 << 64) - 1
+BAD_RECORD_POLICIES = ("skip", "error")
+VERIFY_MODES = ("once", "always", "off")
 
 
 def _mix64(x: int) -> int:
@@ -125,6 +136,10 @@ class SD15AlignedDataset(Dataset):
         sample_posterior: with a moments cache (mean, std), draw ``mean + std * eps`` (else use the mean).
         drop_unreadable: drop CSV ids that a cache recorded as unreadable images (with a warning) instead of
             failing; ids missing for any other reason are always an error.
+        on_bad_record: a record with a wrong length or checksum met by :meth:`get_batch`: ``"skip"`` it (counted
+            in ``num_bad_records``, logged) or raise (``"error"``).
+        verify_checksums: check a sample's records' checksums the first time it is read in this run
+            (``"once"``), on every read (``"always"``) or never (``"off"``; lengths are always checked).
     """
 
     def __init__(
@@ -139,7 +154,16 @@ class SD15AlignedDataset(Dataset):
         seed: int = 0,
         sample_posterior: bool = True,
         drop_unreadable: bool = True,
+        on_bad_record: str = "skip",
+        verify_checksums: str = "once",
     ) -> None:
+        if on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        if verify_checksums not in VERIFY_MODES:
+            raise ValueError(f"verify_checksums must be one of {VERIFY_MODES}, got {verify_checksums!r}")
+        self.on_bad_record = on_bad_record
+        self.verify_checksums = verify_checksums
+        self.num_bad_records = 0  # skipped in this process (each DataLoader worker counts its own)
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         if isinstance(layers, str) or not layers:
@@ -181,6 +205,9 @@ class SD15AlignedDataset(Dataset):
         self.class_ids = np.array([r.class_id for r in rows], dtype=np.int64)
         self._lat_shard = lat_shard[keep]
         self._dino_shard = dino_shard[keep]
+        # samples whose records passed the checksum in this run; shared memory, so that the DataLoader workers
+        # of every epoch see (and extend) the same map
+        self._verified = torch.zeros(len(rows), dtype=torch.bool).share_memory_()
 
         num_classes = embeddings.shape[0] - 1
         bad = np.flatnonzero((self.class_ids < 0) | (self.class_ids >= num_classes))
@@ -270,6 +297,12 @@ class SD15AlignedDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _must_verify(self, indices: list[int]) -> list[bool]:
+        """Whether each sample's checksums are to be checked on this read (one look-up per batch)."""
+        if self.verify_checksums == "once":
+            return (~self._verified[torch.tensor(indices, dtype=torch.long)]).tolist()
+        return [self.verify_checksums == "always"] * len(indices)
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -287,7 +320,8 @@ class SD15AlignedDataset(Dataset):
         if index < 0:
             index += len(self)
         sid = self._ids[index].decode()
-        latent = self.latents.get(sid, int(self._lat_shard[index])).float()
+        verify = self._must_verify([index])[0]
+        latent = self.latents.get(sid, int(self._lat_shard[index]), verify).float()
         if self._has_moments:
             mean, std = latent[0], latent[1]
             if self.sample_posterior:
@@ -295,7 +329,8 @@ class SD15AlignedDataset(Dataset):
                 latent = mean + std * torch.randn(mean.shape, generator=gen)
             else:
                 latent = mean
-        tokens = self.dino.get(sid, int(self._dino_shard[index]))
+        tokens = self.dino.get(sid, int(self._dino_shard[index]), verify)
+        self._verified[index] |= verify
         class_id = int(self.class_ids[index])
         row = self.null_index if self.is_dropped(index) else class_id
         return {
@@ -326,10 +361,37 @@ class SD15AlignedDataset(Dataset):
         else:
             lat = torch.empty(lat_shape, dtype=self.latents.dtype)
         tok = _batch_tensor((n, *self.dino.shape), self.dino.dtype)
-        for j, i in enumerate(idx):
+        good = []
+        for j, (i, verify) in enumerate(zip(idx, self._must_verify(idx))):
             sid = self._ids[i].decode()
-            self.latents.read_into(sid, lat[j], int(self._lat_shard[i]))
-            self.dino.read_into(sid, tok[j], int(self._dino_shard[i]))
+            try:
+                self.latents.read_into(sid, lat[j], int(self._lat_shard[i]), verify)
+                self.dino.read_into(sid, tok[j], int(self._dino_shard[i]), verify)
+            except CorruptRecordError as err:
+                if self.on_bad_record == "error":
+                    raise
+                self.num_bad_records += 1
+                logger.warning(
+                    "skipping sample %r: %s (%d bad records skipped so far in this process)",
+                    sid,
+                    err,
+                    self.num_bad_records,
+                )
+                continue
+            good.append(j)
+        if self.verify_checksums == "once":
+            self._verified[torch.tensor([idx[j] for j in good], dtype=torch.long)] = True
+        if len(good) < n:
+            if not good:
+                raise CorruptRecordError(
+                    f"every record of a batch of {n} is corrupt (e.g. {self._ids[idx[0]].decode()!r}); check the "
+                    f"caches with preprocessing/verify_cache.py {self.latents.path} (and {self.dino.path})",
+                    self._ids[idx[0]].decode(),
+                    self.latents.path,
+                )
+            idx = [idx[j] for j in good]
+            n = len(idx)
+            lat, tok = _select(lat, good), _select(tok, good)
         latent = lat if stored else lat.float()
         if self._has_moments:
             mean, std = latent[:, 0], latent[:, 1]
@@ -377,6 +439,12 @@ class SD15AlignedDataset(Dataset):
             f"SD15AlignedDataset({len(self)} samples from {self.csv_path}, latent {self.latents.shape}, "
             f"dino {self.dino.shape} {self.dino.metadata['encoder']}, cfg_dropout={self.cfg_dropout})"
         )
+
+
+def _select(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``batch[rows]`` in a tensor made like the batch's (shared memory in a worker)."""
+    out = _batch_tensor((len(rows), *batch.shape[1:]), batch.dtype)
+    return torch.index_select(batch, 0, torch.tensor(rows), out=out)
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

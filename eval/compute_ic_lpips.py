@@ -20,6 +20,9 @@ Cluster centres (``--centres``) of a defect type:
 For ``full`` (normal images, no reference protocol), ``official`` and ``split`` both use the first
 ``--num_full_centres`` (10) sorted ``train/good`` images: stage 1 trains on all of train/good (hundreds of
 images), and one centre per training image would leave most clusters with fewer than 2 members.
+
+Every input (generated folders, MVTec centres, VGG16 weights) is checked before VGG is loaded, and all
+problems are reported in one message (exit code 2).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from eval.ic_lpips import (  # noqa: E402
     ic_lpips,
     list_generated_images,
 )
-from losses.lpips_vgg import build_lpips_vgg  # noqa: E402
+from losses.lpips_vgg import build_lpips_vgg, resolve_vgg16_checkpoint  # noqa: E402
+from utils.cli import UserError, raise_if_problems, run_cli  # noqa: E402
 from utils.images import list_images  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -158,6 +162,50 @@ def centre_images(args: argparse.Namespace, class_name: str, defect: str) -> lis
     return train
 
 
+def folders_to_evaluate(args: argparse.Namespace) -> list[tuple[Path, str, str]]:
+    """``[(generated folder, class, defect)]`` named by --image_dir or found under --gen_root/<class>."""
+    if args.image_dir:
+        image_dir = Path(args.image_dir)
+        try:
+            cls, defect = infer_class_and_defect(image_dir)
+        except ValueError as err:
+            if not (args.class_name and args.defect):
+                raise UserError(str(err)) from None
+            cls, defect = args.class_name, args.defect
+        return [(image_dir, args.class_name or cls, args.defect or defect)]
+    class_dir = Path(args.gen_root) / args.class_name
+    folders = sorted(p for p in class_dir.iterdir() if p.is_dir()) if class_dir.is_dir() else []
+    if not folders:
+        raise UserError(
+            f"no generated folders under {class_dir} (expected full/ and <defect>/ folders written by "
+            f"eval/generate.py with --output_root {args.gen_root})"
+        )
+    return [(d, args.class_name, d.name) for d in folders]
+
+
+def check_inputs(args: argparse.Namespace, folders: list[tuple[Path, str, str]]) -> None:
+    """Every missing input at once: generated images, cluster centres, VGG16 weights."""
+    problems = []
+    for image_dir, class_name, defect in folders:
+        try:
+            list_generated_images(image_dir)
+        except FileNotFoundError as err:
+            problems.append(err)
+        try:
+            if not centre_images(args, class_name, defect):
+                problems.append(f"no cluster centre images for {class_name}/{defect}")
+        except FileNotFoundError as err:
+            problems.append(err)
+        except ValueError as err:
+            problems.append(f"centres for {class_name}/{defect}: {err}")
+    if not args.random_vgg:
+        try:
+            resolve_vgg16_checkpoint(args.vgg_ckpt_path)
+        except FileNotFoundError as err:
+            problems.append(err)
+    raise_if_problems(problems)
+
+
 def evaluate_folder(args, model, image_dir: Path, class_name: str, defect: str) -> dict:
     generated = list_generated_images(image_dir)
     centres = centre_images(args, class_name, defect)
@@ -213,13 +261,13 @@ def write_reports(rows: list[dict], class_name: str, out_dir: Path, random_vgg: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    folders = folders_to_evaluate(args)
+    check_inputs(args, folders)
     if args.random_vgg:
         logger.warning("--random_vgg: random VGG backbone, the values below are NOT LPIPS distances")
     model = build_lpips_vgg(args.vgg_ckpt_path, device=args.device, pretrained_backbone=not args.random_vgg)
     if args.image_dir:
-        image_dir = Path(args.image_dir)
-        cls, defect = infer_class_and_defect(image_dir)
-        cls, defect = args.class_name or cls, args.defect or defect
+        image_dir, cls, defect = folders[0]
         row = evaluate_folder(args, model, image_dir, cls, defect)
         row["random_vgg"] = bool(args.random_vgg)
         print(json.dumps({k: v for k, v in row.items() if k not in ("cluster_means",)}, indent=2))
@@ -228,10 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.output_json).write_text(json.dumps(row, indent=2))
         return row
     class_dir = Path(args.gen_root) / args.class_name
-    folders = sorted(p for p in class_dir.iterdir() if p.is_dir()) if class_dir.is_dir() else []
-    if not folders:
-        raise SystemExit(f"no generated folders under {class_dir} (expected full/ and <defect>/ folders)")
-    rows = [evaluate_folder(args, model, d, args.class_name, d.name) for d in folders]
+    rows = [evaluate_folder(args, model, d, cls, defect) for d, cls, defect in folders]
     summary = write_reports(rows, args.class_name, Path(args.output_dir or class_dir), bool(args.random_vgg))
     table = {r["defect"]: r["ic_lpips"] for r in rows}
     print(
@@ -252,4 +297,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,8 +6,10 @@
         --inception_path ~/weights/inception-2015-12-05.pt --out_dir outputs/eval_A
 
 Writes to --out_dir: ``<run>/checkpoint-<step>.json`` (FID, sFID, settings), ``fid_vs_step.png`` over every JSON
-there, ``grid_<run>_<step>.png`` and ``comparison_grid.png`` (fixed seeds, one row per model), and with
-``--align_csv ...``: ``alignment.json`` (SVCCA of U-Net mid features vs DINO tokens) and ``tsne_<run>.png``.
+there, ``grid_<run>_<step>.png`` and ``comparison_grid.png`` (fixed seeds, one labelled row per model, one
+column per class), and with ``--align_csv ...``: ``alignment.json`` (SVCCA of U-Net mid features vs DINO tokens)
+and ``tsne_<run>.png``. Every input (checkpoints, reference folder, caches, weights) is checked before any model
+is loaded, and all missing ones are reported together (exit code 2).
 """
 
 import sys
@@ -22,12 +24,13 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from eval.fid import fid_from_stats, inception_stats, plot_metric_vs_step, reference_stats, to_uint8_range  # noqa: E402
+from eval.fid import fid_from_stats, inception_stats, reference_stats, to_uint8_range  # noqa: E402
 from train.urepa.checkpoint import load_checkpoint_config, load_trainable  # noqa: E402
 from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents  # noqa: E402
 from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir  # noqa: E402
 from utils.checkpoint import atomic_write, checkpoint_step  # noqa: E402
-from utils.images import save_image_grid  # noqa: E402
+from utils.cli import raise_if_problems, run_cli  # noqa: E402
+from utils.figures import RANDOM_WEIGHTS_NOTE, plot_metric_vs_step, save_labelled_grid  # noqa: E402
 from utils.logging import get_logger, progress  # noqa: E402
 
 logger = get_logger("evaluate_sd15")
@@ -96,6 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Inception weights file (inception-2015-12-05.pt or pytorch-fid .pth); default: known caches. "
         "'random' uses random weights (smoke tests only: the numbers mean nothing).",
     )
+    f.add_argument(
+        "--fid_mode",
+        choices=("clean", "legacy_pytorch"),
+        default=None,
+        help="clean-fid mode (FID/sFID go through clean-fid's resizer and feature extractor); default: the mode "
+        "the weight file serves (TorchScript inception-2015-12-05.pt: clean; pytorch-fid .pth: legacy_pytorch).",
+    )
+    f.add_argument(
+        "--fid_num_workers", type=int, default=0, help="DataLoader workers reading the reference images."
+    )
     a = p.add_argument_group("alignment (optional)")
     a.add_argument(
         "--align_csv", default=None, help="Sample CSV for the alignment analysis (e.g. a held-out subset)."
@@ -112,12 +125,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--align_timestep", type=int, default=250, help="Noise level t (of 1000) at which features are read."
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--figure_note",
+        default="",
+        help="Text added to the title of every grid (the demo marks its random-weight tiny models with it).",
+    )
     args = p.parse_args(argv)
     if args.num_samples and not args.ref_dir:
         p.error("--ref_dir is required for FID/sFID (or pass --num_samples 0)")
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
         p.error("need 0 <= --guidance_low <= --guidance_high <= 1")
     return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every missing input at once, before anything heavy is loaded (UserError -> exit code 2)."""
+    problems = []
+    for flag, ckpts in (("--checkpoints", args.checkpoints), ("--baseline", args.baseline)):
+        for c in ckpts:
+            if not Path(c).is_dir():
+                problems.append(f"{flag} {c}: no such checkpoint directory")
+            elif not (Path(c) / "urepa_config.yaml").is_file():
+                problems.append(f"{flag} {c}: no urepa_config.yaml in it (not a train_sd15.py checkpoint?)")
+    if args.num_samples and args.ref_dir and not Path(args.ref_dir).is_dir():
+        problems.append(f"--ref_dir {args.ref_dir}: no such folder (or pass --num_samples 0 to skip FID)")
+    if args.num_samples and args.inception_path not in (None, "random"):
+        if not Path(args.inception_path).expanduser().is_file():
+            problems.append(f"--inception_path {args.inception_path}: no such file")
+    if args.align_csv:
+        for flag, value, is_dir in (
+            ("--align_csv", args.align_csv, False),
+            ("--align_latent_dir", args.align_latent_dir, True),
+            ("--align_dino_dir", args.align_dino_dir, True),
+        ):
+            if not value:
+                problems.append(f"{flag} is required with --align_csv")
+            elif not (Path(value).is_dir() if is_dir else Path(value).is_file()):
+                problems.append(f"{flag} {value}: no such {'folder' if is_dir else 'file'}")
+    if args.clip_embeddings and not Path(args.clip_embeddings).is_file():
+        problems.append(f"--clip_embeddings {args.clip_embeddings}: no such file")
+    raise_if_problems(problems)
+
+
+def class_names(clip_embeddings: str | None, num_classes: int) -> list[str]:
+    """Class names from the prompt table's metadata (prepare_clip_embeddings.py), else ``class <id>``."""
+    names = [f"class {i}" for i in range(num_classes)]
+    if clip_embeddings and str(clip_embeddings).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(clip_embeddings), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "prompts" in meta:
+            prompts = json.loads(meta["prompts"])
+            prefix, _, suffix = json.loads(meta.get("template", '"{}"')).partition("{}")
+            for i, prompt in enumerate(prompts[:num_classes]):
+                name = prompt.removeprefix(prefix).removesuffix(suffix) if prefix or suffix else prompt
+                names[i] = f"{i}: {name}"
+    return names
 
 
 class LoadedModel:
@@ -179,13 +243,18 @@ class LoadedModel:
 
 
 def load_inception_for(args: argparse.Namespace):
-    from eval.inception import build_random_inception, load_inception
+    """clean-fid's Inception (``eval.inception.CleanFIDInception``) and an id for the statistics cache."""
+    import tempfile
+
+    from eval.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
 
     if args.inception_path == "random":
         logger.warning("--inception_path random: random Inception weights, FID/sFID values are meaningless")
-        return build_random_inception(device=args.device), "random"
-    net = load_inception(args.inception_path, device=args.device)  # MissingWeightsError names the file
-    return net.eval(), str(args.inception_path or "default-cache")
+        with tempfile.TemporaryDirectory() as tmp:  # loaded into memory, the file is not needed afterwards
+            path = write_random_torchscript_inception(Path(tmp) / TORCHSCRIPT_FILENAME)
+            return load_inception(path, device=args.device, mode=args.fid_mode), "random"
+    net = load_inception(args.inception_path, device=args.device, mode=args.fid_mode)  # MissingWeightsError
+    return net, net.id
 
 
 def evaluate_fid(lm: LoadedModel, args, inception, ref) -> dict[str, float]:
@@ -199,7 +268,7 @@ def evaluate_fid(lm: LoadedModel, args, inception, ref) -> dict[str, float]:
             idx = classes[start : start + args.batch_size]
             yield to_uint8_range(lm.generate(idx, args, offset=start))
 
-    return fid_from_stats(inception_stats(batches(), inception, args.device), ref)
+    return fid_from_stats(inception_stats(batches(), inception), ref)
 
 
 @torch.no_grad()
@@ -248,25 +317,50 @@ def write_json(obj: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    check_inputs(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(Path(c), "aligned") for c in args.checkpoints] + [(Path(c), "baseline") for c in args.baseline]
-    for ckpt, _ in jobs:
-        if not ckpt.is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
     inception = ref = None
+    inception_id = ""
     if args.num_samples:
         inception, inception_id = load_inception_for(args)
     summary: dict[str, Any] = {"results": [], "alignment": {}}
-    grids = []
+    grids, row_labels = [], []
+    col_labels: list[str] = []
+    # One bar over every model x stage: the stages (loading, FID's matrix square roots, t-SNE) take tens of
+    # seconds each on a CPU and would otherwise pass in silence.
+    stages = (
+        ["load", "grid"]
+        + (["FID/sFID"] if args.num_samples else [])
+        + (["alignment"] if args.align_csv else [])
+    )
+    bar = progress(total=len(jobs) * len(stages), desc="evaluate", unit="stage")
     for ckpt, kind in jobs:
         run = f"{kind}:{ckpt.parent.name}"
         t0 = time.perf_counter()
+        bar.set_postfix_str(f"{run}: load")
         lm = LoadedModel(ckpt, args, run)
+        bar.update()
+        bar.set_postfix_str(f"{run}@{lm.step}: grid")
         classes = torch.tensor([c % lm.num_classes for c in args.grid_classes])
+        col_labels = [
+            class_names(args.clip_embeddings or lm.cfg["data"].get("clip_embeddings"), lm.num_classes)[c]
+            for c in classes
+        ]
         images = lm.generate(classes, args, offset=10**9)  # fixed seeds shared by every model
         grids.append(images)
-        save_image_grid(images, out_dir / f"grid_{kind}_{ckpt.parent.name}_{lm.step}.png", nrow=len(classes))
+        row_labels.append(f"{kind}\n{ckpt.parent.name}\nstep {lm.step}")
+        save_labelled_grid(
+            images,
+            out_dir / f"grid_{kind}_{ckpt.parent.name}_{lm.step}.png",
+            ncols=len(classes),
+            row_labels=row_labels[-1:],
+            col_labels=col_labels,
+            title=f"{run} step {lm.step}: fixed seeds, one class per column",
+            note=args.figure_note,
+        )
+        bar.update()
         result: dict[str, Any] = dict(
             run=run,
             checkpoint=str(ckpt),
@@ -279,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
         )
         if args.num_samples:
+            bar.set_postfix_str(f"{run}@{lm.step}: FID/sFID")
             if ref is None:
                 ref = reference_stats(
                     args.ref_dir,
@@ -286,16 +381,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.ref_resolution or lm.resolution,
                     args.num_ref or None,
                     args.stats_cache,
-                    device=args.device,
                     inception_id=inception_id,
+                    num_workers=args.fid_num_workers,
                 )
             result.update(
                 evaluate_fid(lm, args, inception, ref),
                 num_samples=args.num_samples,
                 num_ref=args.num_ref,
                 inception=inception_id,
+                fid_mode=inception.mode,
             )
+            bar.update()
         if args.align_csv:
+            bar.set_postfix_str(f"{run}@{lm.step}: alignment (SVCCA, t-SNE)")
             from eval.alignment import svcca_score, tsne_plot
 
             u, d = alignment_features(lm, args)
@@ -304,9 +402,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 u,
                 d,
                 out_dir / f"tsne_{kind}_{ckpt.parent.name}_{lm.step}.png",
-                title=f"{run} step {lm.step}: SVCCA {result['svcca_mid']:.3f}",
+                title=f"{run} step {lm.step}: SVCCA {result['svcca_mid']:.3f}"
+                + (f"\n({args.figure_note})" if args.figure_note else ""),
             )
             summary["alignment"][f"{run}@{lm.step}"] = result["svcca_mid"]
+            bar.update()
         result["seconds"] = round(time.perf_counter() - t0, 1)
         write_json(result, out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json")
         logger.info(
@@ -314,14 +414,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         summary["results"].append(result)
         del lm
-    save_image_grid(torch.cat(grids), out_dir / "comparison_grid.png", nrow=len(args.grid_classes))
+    bar.close()
+    save_labelled_grid(
+        torch.cat(grids),
+        out_dir / "comparison_grid.png",
+        ncols=len(args.grid_classes),
+        row_labels=row_labels,
+        col_labels=col_labels,
+        title="Same noise and class per column, one model per row",
+        note=args.figure_note,
+    )
     all_results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*/checkpoint-*.json"))]
-    if any("fid" in r for r in all_results):
-        plot_metric_vs_step([r for r in all_results if "fid" in r], out_dir / "fid_vs_step.png")
+    with_fid = [r for r in all_results if "fid" in r]
+    if with_fid:
+        random = any(r.get("inception") == "random" for r in with_fid)
+        plot_metric_vs_step(
+            with_fid,
+            out_dir / "fid_vs_step.png",
+            title=f"FID / sFID ({with_fid[0].get('num_samples', '?')} samples per checkpoint)",
+            note=("Inception with " + RANDOM_WEIGHTS_NOTE) if random else "",
+        )
     if summary["alignment"]:
         write_json(summary["alignment"], out_dir / "alignment.json")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

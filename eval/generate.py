@@ -36,6 +36,7 @@ from datasets.mvtec import FG_BACKGROUNDS  # noqa: E402
 from eval.mask_extraction import MaskParams, extract_mask, mask_to_image  # noqa: E402
 from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import raise_if_problems, run_cli  # noqa: E402
 from utils.images import to_pil  # noqa: E402
 from utils.logging import get_logger, progress  # noqa: E402
 
@@ -87,7 +88,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--resolution", type=int, default=None, help="output size (default: the U-Net's native size)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (fp16 on GPU)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="model dtype (fp16 on GPU); passed to from_pretrained as dtype=, which diffusers >= 0.42.1 "
+        "(requirements.txt) applies",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,21 +173,46 @@ def pending_indices(num_images: int, done) -> list[int]:
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
+def resolve_base_model(args: argparse.Namespace) -> Path:
+    from utils.weights import resolve_hf_path, sd15_how_to_get
+
+    required = ("model_index.json",)
+    if args.stage == "stage2":  # what models/dual_lora.py:load_dual_unet reads
+        required = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
+    return resolve_hf_path(
+        args.pretrained_model_name_or_path, "Stable Diffusion 1.5 base model", sd15_how_to_get(), required
+    )
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every missing input at once, before a model is loaded (UserError -> exit code 2 under run_cli)."""
+    from models.dual_lora import DUAL_CONFIG_NAME
+    from utils.weights import MissingWeightsError
+
+    problems = []
+    try:
+        resolve_base_model(args)
+    except MissingWeightsError as err:
+        problems.append(err)
+    if args.stage == "stage1" and not Path(args.lora_dir).is_dir():
+        problems.append(
+            f"stage-1 LoRA not found: --lora_dir {args.lora_dir} is not a directory. Train it with "
+            "bash script/train/train_stage1-full.sh (its --output_dir)."
+        )
+    if args.stage == "stage2" and not (Path(args.weights_dir) / DUAL_CONFIG_NAME).is_file():
+        problems.append(
+            f"stage-2 weights not found: {Path(args.weights_dir) / DUAL_CONFIG_NAME} does not exist. Pass the "
+            "stage-2 --output_dir (or a checkpoint-<step>/ in it) of bash script/train/train_stage2-dual.sh."
+        )
+    raise_if_problems(problems, f"{args.stage}: cannot start")
+
+
 def load_stage1_pipeline(args: argparse.Namespace):
     from diffusers import StableDiffusionPipeline
 
-    from utils.weights import require_dir, resolve_hf_path
-
-    base = resolve_hf_path(
-        args.pretrained_model_name_or_path,
-        "Stable Diffusion 1.5 base model",
-        "Download runwayml/stable-diffusion-v1-5 (diffusers layout) to models/stable-diffusion-v1-5, "
-        "or run the demo (bash script/demo_anomaly.sh) for tiny assets.",
-        required_files=("model_index.json",),
-    )
-    lora_dir = require_dir(
-        args.lora_dir, "stage-1 LoRA", "Train it with bash script/train/train_stage1-full.sh."
-    )
+    base = resolve_base_model(args)
+    # dtype= (not the deprecated torch_dtype=): accepted by every diffusers that requirements.txt allows; a
+    # test checks that fp16 is really applied.
     pipe = StableDiffusionPipeline.from_pretrained(
         base,
         dtype=DTYPES[args.dtype],
@@ -188,7 +220,7 @@ def load_stage1_pipeline(args: argparse.Namespace):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.load_lora_weights(str(lora_dir))
+    pipe.load_lora_weights(str(args.lora_dir))
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
@@ -341,8 +373,9 @@ def run_stage2(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    check_inputs(args)
     return run_stage1(args) if args.stage == "stage1" else run_stage2(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

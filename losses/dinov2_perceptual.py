@@ -5,7 +5,11 @@
     loss   = sum_l w_l * D(normalize(f_l(image)), normalize(f_l(target)))
 
 ``f_l`` = patch tokens after 0-based DINOv2 block ``l``, L2-normalised per token; ``D`` = l1 / l2 (MSE) /
-smooth_l1 averaged over tokens and channels; ``w_l`` = 1 / #layers unless given.
+smooth_l1 averaged over tokens and channels; ``w_l`` = 1 (``layer_reduction="sum"``, the seed trainer's
+reduction) or 1 / #layers (``"mean"``) unless given.
+
+Which pixels are compared (the full image, a random crop, the seed's decoded target) is decided by the trainer's
+term (``train/anomaly/perceptual.py``); this module holds the pieces.
 
 What makes it cheap (vs. decoding prediction *and* target, DINO at 518 px, all blocks, every step):
 
@@ -27,6 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 LOSS_TYPES = ("l1", "l2", "smooth_l1")
+LAYER_REDUCTIONS = ("sum", "mean")
+# How images reach the DINO resolution: our adapter's antialiased bicubic resize, or the seed trainer's plain
+# bilinear F.interpolate (align_corners=False, no antialias).
+RESIZE_MODES = ("bicubic_antialias", "bilinear")
 DINOV2_LOSS_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")
 DEFAULT_FEATURE_LAYERS = (3, 6, 9, 11)
 
@@ -66,16 +74,21 @@ def predicted_x0(
     return x0.to(model_output.dtype)
 
 
-def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1] through ``vae`` (AutoencoderKL or AutoencoderTiny), with gradient.
+def decode_latents(vae: nn.Module, latents: torch.Tensor, clamp_latents: float | None = None) -> torch.Tensor:
+    """Scaled latents -> images (about [-1, 1]) through ``vae`` (AutoencoderKL or AutoencoderTiny), with gradient.
 
     Both are called the diffusers way, ``vae.decode(latents / scaling_factor)``: AutoencoderKL's SD factor is
     0.18215, AutoencoderTiny's (TAESD) is 1.0 because it decodes the SD-scaled latents directly.
+    ``clamp_latents``: clamp the unscaled latents to +-value before decoding (the seed trainer uses 10: an x0
+    estimate at large t is (x_t - sqrt(1-a) eps) / sqrt(a), up to ~15x the latent scale). Applied before the
+    shift factor (0 for SD).
     """
     scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = latents.to(next(vae.parameters()).dtype)
-    return vae.decode(latents / scaling + shift).sample
+    latents = latents.to(next(vae.parameters()).dtype) / scaling
+    if clamp_latents is not None:
+        latents = latents.clamp(-clamp_latents, clamp_latents)
+    return vae.decode(latents + shift).sample
 
 
 class DINOv2PerceptualLoss(nn.Module):
@@ -86,7 +99,11 @@ class DINOv2PerceptualLoss(nn.Module):
             be "-1_1", the range of decoded images).
         layers: 0-based block indices (checked against the encoder depth).
         loss_type: "l1", "l2" (MSE) or "smooth_l1" (beta 1).
-        layer_weights: one weight per layer; default 1/len(layers) each.
+        layer_reduction: "sum" (each layer weight 1, the seed trainer) or "mean" (1/len(layers) each); ignored
+            when ``layer_weights`` is given.
+        layer_weights: one weight per layer.
+        resize: "bicubic_antialias" (the adapter's own preprocessing) or "bilinear" (the seed trainer's:
+            ``F.interpolate(bilinear, align_corners=False)`` only when the size differs, no range check).
     """
 
     def __init__(
@@ -95,10 +112,18 @@ class DINOv2PerceptualLoss(nn.Module):
         layers: Sequence[int] = DEFAULT_FEATURE_LAYERS,
         loss_type: str = "l2",
         layer_weights: Sequence[float] | None = None,
+        layer_reduction: str = "sum",
+        resize: str = "bicubic_antialias",
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"dinov2 loss type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if layer_reduction not in LAYER_REDUCTIONS:
+            raise ValueError(
+                f"--dinov2_layer_reduction must be one of {LAYER_REDUCTIONS}, got {layer_reduction!r}"
+            )
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"dinov2 resize must be one of {RESIZE_MODES}, got {resize!r}")
         layers = [int(x) for x in layers]
         if not layers:
             raise ValueError("dinov2 feature layers: give at least one block index")
@@ -114,17 +139,38 @@ class DINOv2PerceptualLoss(nn.Module):
         if getattr(encoder, "input_range", "-1_1") != "-1_1":
             raise ValueError("DINOv2PerceptualLoss needs an encoder with input_range='-1_1' (decoded images)")
         if layer_weights is None:
-            layer_weights = [1.0 / len(layers)] * len(layers)
+            w = 1.0 if layer_reduction == "sum" else 1.0 / len(layers)
+            layer_weights = [w] * len(layers)
         if len(layer_weights) != len(layers):
             raise ValueError(f"{len(layer_weights)} layer weights for {len(layers)} layers")
         self.encoder = encoder
         self.layers = sorted(layers)
         self.weights = dict(zip(layers, [float(w) for w in layer_weights]))
         self.loss_type = loss_type
+        self.layer_reduction = layer_reduction
+        self.resize = resize
+
+    def _bilinear_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The seed trainer's preprocessing: [-1, 1] -> [0, 1] -> bilinear resize -> ImageNet normalisation."""
+        x = (images + 1.0) / 2.0
+        side = int(self.encoder.resolution)
+        if tuple(x.shape[-2:]) != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        mean, std = self.encoder.mean.to(x.dtype), self.encoder.std.to(x.dtype)
+        return (x - mean) / std
 
     def features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """{layer: [B, N, D] L2-normalised patch tokens} (only blocks up to max(layers) run)."""
-        out = self.encoder(images, layers=self.layers, return_patch_tokens=False, return_cls=False)
+        if self.resize == "bilinear":
+            out = self.encoder(
+                self._bilinear_pixels(images),
+                layers=self.layers,
+                return_patch_tokens=False,
+                return_cls=False,
+                preprocess=False,
+            )
+        else:
+            out = self.encoder(images, layers=self.layers, return_patch_tokens=False, return_cls=False)
         return {k: F.normalize(v.float(), dim=-1) for k, v in out.intermediate.items()}
 
     @torch.no_grad()
@@ -162,7 +208,7 @@ class DINOv2PerceptualLoss(nn.Module):
 
 
 class DINOv2TargetCache:
-    """Target features per (dataset index, flip code), computed from the training image on first use.
+    """Target features per (dataset index, flip code[, crop box]), computed from the training image on first use.
 
     Stored in half precision on ``storage_device`` (CPU by default). Valid for one dataset + one DINO
     configuration; the trainer builds a fresh cache per run (it is cheap to refill: one no-grad DINO forward
@@ -178,7 +224,7 @@ class DINOv2TargetCache:
         self.loss = loss
         self.storage_device = torch.device(storage_device)
         self.dtype = dtype
-        self._store: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self._store: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -187,10 +233,19 @@ class DINOv2TargetCache:
 
     @torch.no_grad()
     def get(
-        self, images: torch.Tensor, indices: Sequence[int], flips: Sequence[int]
+        self,
+        images: torch.Tensor,
+        indices: Sequence[int],
+        flips: Sequence[int],
+        regions: Sequence[tuple[int, ...]] | None = None,
     ) -> dict[int, torch.Tensor]:
-        """{layer: [B, N, D]} target features for ``images`` (already flipped) keyed by (index, flip)."""
+        """{layer: [B, N, D]} target features for ``images`` (already flipped and cropped) keyed by
+        (index, flip) or, with ``regions`` (one crop box per sample), by (index, flip, *box)."""
         keys = [(int(i), int(f)) for i, f in zip(indices, flips)]
+        if regions is not None:
+            if len(regions) != len(keys):
+                raise ValueError(f"{len(regions)} crop regions for {len(keys)} samples")
+            keys = [k + tuple(int(v) for v in r) for k, r in zip(keys, regions)]
         todo = [j for j, k in enumerate(keys) if k not in self._store]
         self.misses += len(todo)
         self.hits += len(keys) - len(todo)

@@ -12,10 +12,18 @@ is empty). The loss is
     L = (1 / K) * sum_k  w(hook(k)) * loss_func(pred_activation_k, target_activation_k)
 
 over the K hooked tensor outputs produced by one forward pass (a module called twice contributes twice, a
-module returning a tuple contributes one term per tensor).
+module returning a tuple contributes one term per tensor). ``reduction="sum"`` drops the ``1 / K``: that is the
+reference's ``forward`` (BurguerJohn's global_perceptual_similarity_loss sums the weighted terms).
 
-Per-hook weights (``weight_curve``), hooks numbered ``i = 0 .. n-1`` in ``model.named_modules()`` order,
-``t = i / (n - 1)`` (``t = 0`` when ``n == 1``), ``s = start_weight``, ``e = end_weight``, ``p = curve_force``:
+Weight slots: each hooked module that fires gets one slot ``i = 0 .. n-1``. With ``weight_order="firing"``
+(default, as the reference) the slots follow the order in which the modules first fire, recorded on the first
+target pass; with ``weight_order="module"`` they follow ``model.named_modules()`` order. The two differ when a
+module is defined before a module that runs earlier (transformers' ``Dinov2MLP`` defines ``activation_fn``
+before ``fc1``). A hooked module that never fires gets no slot, so ``n`` counts only modules that ran. The slots
+are fixed by the first call; a later call in which another hooked module fires is an error.
+
+Per-slot weights (``weight_curve``), ``t = i / (n - 1)`` (``t = 0`` when ``n == 1``), ``s = start_weight``,
+``e = end_weight``, ``p = curve_force``:
 
 * ``p in {0, 1}``: linear, ``w = s + (e - s) * t``;
 * otherwise, when ``s <= e`` (ease-in): ``w = s + (e - s) * t**p``;
@@ -26,7 +34,9 @@ end when rising, and fall fast over the first layers then flatten near ``end_wei
 
 Memory design (why it is lighter than storing both passes, see ``docs/global_perc_loss.md``):
 
-1. The target pass runs under ``torch.no_grad`` and keeps only the detached hooked outputs.
+1. The target pass runs under ``torch.no_grad`` and keeps a *copy* of each hooked output: a later in-place
+   layer (torchvision VGG's ``ReLU(inplace=True)`` right after a hooked ``Conv2d``) rewrites the module's own
+   tensor, and a mere ``detach()`` would share that memory.
 2. The prediction pass computes each hook's loss *inside the hook* and drops that target activation at once,
    so target activations shrink while the prediction graph grows instead of coexisting in full.
 3. When the prediction needs a gradient, each hook's loss is evaluated together with its gradient w.r.t. the
@@ -44,12 +54,15 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from losses.normalized_tensor_loss import NormalizedTensorLoss
+
+WEIGHT_ORDERS = ("firing", "module")
+REDUCTIONS = ("mean", "sum")
 
 
 def _default_modules() -> list[type[nn.Module]]:
@@ -65,7 +78,10 @@ class GlobalPercConfig:
     transform_normalization: callable applied to both inputs before the model (e.g. ImageNet Normalize);
     loss_func: ``f(pred_act, target_act) -> scalar`` (default ``NormalizedTensorLoss("l2")``);
     print_data: print a per-hook table after each call; forward_fn: how to run the model
-    (default ``model(x)``), e.g. ``lambda m, x: m(x, layers=[...])``.
+    (default ``model(x)``), e.g. ``lambda m, x: m(x, layers=[...])``;
+    weight_order: ``"firing"`` (reference; slots in the order modules first fire) or ``"module"``
+    (``named_modules`` order); reduction: ``"mean"`` (divide the weighted sum by the number of terms K) or
+    ``"sum"`` (the reference's ``forward``: K times larger).
     """
 
     start_weight: float = 1.0
@@ -76,6 +92,18 @@ class GlobalPercConfig:
     loss_func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     print_data: bool = False
     forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None
+    weight_order: Literal["firing", "module"] = "firing"
+    reduction: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.weight_order not in WEIGHT_ORDERS:
+            raise ValueError(
+                f"GlobalPercConfig.weight_order must be one of {WEIGHT_ORDERS}, got {self.weight_order!r}"
+            )
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"GlobalPercConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
 
 
 def weight_curve(n: int, start_weight: float, end_weight: float, curve_force: float) -> list[float]:
@@ -149,7 +177,11 @@ class GlobalPercLoss(nn.Module):
                 f"GlobalPercLoss: no module of types {[t.__name__ for t in types]} in {type(model).__name__}"
             )
         self.hook_names = [name or type(m).__name__ for name, m in hooked]
-        self.weights = weight_curve(len(hooked), config.start_weight, config.end_weight, config.curve_force)
+        # Weight slot of each hooked module (index into ``hook_names``), fixed by the first call: modules that
+        # never fire get none, so the curve spans exactly the modules that ran.
+        self._slot: dict[int, int] | None = None
+        self._first_fired: list[int] = []
+        self.weights: list[float] | None = None  # per slot, known after the first call
         self._mode: str | None = None
         self._targets: dict[tuple[int, int, int], torch.Tensor] = {}
         self._calls: list[int] = [0] * len(hooked)
@@ -183,7 +215,30 @@ class GlobalPercLoss(nn.Module):
 
     @property
     def num_hooks(self) -> int:
-        return len(self.weights)
+        """Number of hooked modules (whether or not they fire)."""
+        return len(self.hook_names)
+
+    @property
+    def slot_names(self) -> list[str] | None:
+        """Hooked modules that fired in the first call, in weight-slot order (None before the first call)."""
+        if self._slot is None:
+            return None
+        return [self.hook_names[i] for i in sorted(self._slot, key=self._slot.__getitem__)]
+
+    def module_weight(self, name: str) -> float | None:
+        """Weight of the hooked module ``name`` (None if it never fired or before the first call)."""
+        if self._slot is None or self.weights is None:
+            return None
+        idx = self.hook_names.index(name)
+        return self.weights[self._slot[idx]] if idx in self._slot else None
+
+    def _assign_slots(self) -> None:
+        fired = self._first_fired
+        if self.config.weight_order == "module":
+            fired = sorted(fired)  # hook indices follow named_modules order
+        self._slot = {idx: k for k, idx in enumerate(fired)}
+        cfg = self.config
+        self.weights = weight_curve(len(fired), cfg.start_weight, cfg.end_weight, cfg.curve_force)
 
     # -- hook body -----------------------------------------------------------------------------------------
     def _on_output(self, idx: int, output: Any) -> None:
@@ -193,13 +248,22 @@ class GlobalPercLoss(nn.Module):
         self._calls[idx] += 1
         tensors = _tensors_of(output)
         if self._mode == "target":
+            if self._slot is None and call == 0 and tensors:
+                self._first_fired.append(idx)
+            elif self._slot is not None and idx not in self._slot and tensors:
+                raise RuntimeError(
+                    f"GlobalPercLoss: hook {self.hook_names[idx]!r} fired, but it did not fire in the first call, "
+                    "which fixed the weight slots; the model must run the same modules on every call."
+                )
             for j, t in enumerate(tensors):
-                self._targets[(idx, call, j)] = t.detach()
+                # A copy, not ``t.detach()``: an in-place layer run later (ReLU(inplace=True) after a hooked
+                # Conv2d) would otherwise rewrite the stored target through the shared memory.
+                self._targets[(idx, call, j)] = t.detach().clone()
             return
-        weight = self.weights[idx]
+        weight = self.weights[self._slot[idx]] if self._slot is not None and idx in self._slot else None
         for j, pred in enumerate(tensors):
             target = self._targets.pop((idx, call, j), None)
-            if target is None:
+            if target is None or weight is None:
                 raise RuntimeError(
                     f"GlobalPercLoss: hook {self.hook_names[idx]!r} (call {call}, output {j}) fired in the "
                     "prediction pass but not in the target pass; the model must run the same modules for "
@@ -248,6 +312,8 @@ class GlobalPercLoss(nn.Module):
             self._mode, self._calls = "target", [0] * self.num_hooks
             with torch.no_grad():
                 self._run(target)
+            if self._slot is None:
+                self._assign_slots()
             self._mode, self._calls = "prediction", [0] * self.num_hooks
             self._run(prediction)
             if self._targets:
@@ -257,9 +323,11 @@ class GlobalPercLoss(nn.Module):
                 )
             if self._total is None:
                 raise RuntimeError("GlobalPercLoss: no hooked module produced a floating-point output")
-            total = self._total / self._count
+            total = self._total / self._count if self.config.reduction == "mean" else self._total
         finally:
             self._mode, self._targets, self._total = None, {}, None
+            if self._slot is None:
+                self._first_fired = []  # the first call failed: record the order again next time
         if self.config.print_data:
             self.print_table()
         return total

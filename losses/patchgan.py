@@ -4,8 +4,11 @@
   per overlapping patch. Normalisation is GroupNorm instead of taming's BatchNorm: the generator pass also
   runs the discriminator, and BatchNorm would update its running statistics there (state leaking from the
   generator update into the discriminator) and would need SyncBatchNorm under DDP.
-* ``hinge_d_loss`` / ``vanilla_d_loss``: discriminator losses; ``generator_adv_loss``: ``-mean(logits_fake)``
-  (hinge, as taming) or the non-saturating ``mean(softplus(-logits_fake))`` (vanilla).
+* ``hinge_d_loss`` / ``vanilla_d_loss``: discriminator losses; ``generator_adv_loss``: ``gen_loss="taming"``
+  is ``-mean(logits_fake)``, what taming's ``VQLPIPSWithDiscriminator`` uses with *both* discriminator losses;
+  ``gen_loss="non_saturating"`` is ``mean(softplus(-logits_fake))``, the generator loss that matches the
+  vanilla (logistic) discriminator loss (Goodfellow et al.'s non-saturating form). Default (``None``): taming's
+  form with ``hinge``, the non-saturating form with ``vanilla``.
 * ``calculate_adaptive_weight``: ``||grad_W L_rec|| / (||grad_W L_adv|| + 1e-4)`` at the decoder's last layer
   ``W``, clamped to ``[0, 1e4]``, detached, times ``disc_weight`` (taming ``VQLPIPSWithDiscriminator``).
 * ``adopt_weight``: ``weight`` once ``global_step >= threshold`` else ``value`` (the ``disc_start`` warm-up).
@@ -81,12 +84,28 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
-def generator_adv_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    if kind == "hinge":
+G_LOSSES = ("taming", "non_saturating")
+
+
+def resolve_gen_loss(kind: str, gen_loss: str | None = None) -> str:
+    """The generator loss form for discriminator loss ``kind`` (``gen_loss=None``: hinge -> taming,
+    vanilla -> non_saturating)."""
+    if kind not in D_LOSSES:
+        raise ValueError(f"unknown GAN loss {kind!r}; choose one of {sorted(D_LOSSES)}")
+    if gen_loss is None:
+        return "taming" if kind == "hinge" else "non_saturating"
+    if gen_loss not in G_LOSSES:
+        raise ValueError(f"unknown generator loss {gen_loss!r}; choose one of {list(G_LOSSES)} (or None)")
+    return gen_loss
+
+
+def generator_adv_loss(
+    logits_fake: torch.Tensor, kind: str = "hinge", gen_loss: str | None = None
+) -> torch.Tensor:
+    """Generator adversarial loss: ``-mean(logits)`` (taming) or ``mean(softplus(-logits))`` (non-saturating)."""
+    if resolve_gen_loss(kind, gen_loss) == "taming":
         return -logits_fake.mean()
-    if kind == "vanilla":
-        return F.softplus(-logits_fake).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose one of {sorted(D_LOSSES)}")
+    return F.softplus(-logits_fake).mean()
 
 
 def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:

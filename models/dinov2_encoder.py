@@ -39,7 +39,13 @@ from models.dinov2_keys import (
     uses_legacy_hf_names,
 )
 from utils.checkpoint import atomic_write, torch_save_atomic
-from utils.weights import MissingWeightsError, looks_like_hub_id, require_file, resolve_hf_path
+from utils.weights import (
+    MissingWeightsError,
+    hf_download_hint,
+    looks_like_hub_id,
+    require_file,
+    resolve_hf_path,
+)
 
 __all__ = [
     "DINOv2Encoder",
@@ -131,7 +137,7 @@ def _how_to_get(variant: str) -> str:
         f"Expected either the official torch.hub checkpoint (a state dict with cls_token, pos_embed, blocks.N.attn.qkv, "
         f"...) downloaded from {_official_url(variant)} into $TORCH_HOME/hub/checkpoints/ (default "
         f"~/.cache/torch/hub/checkpoints/), or a Hugging Face model: on a machine with network run "
-        f"`huggingface-cli download {spec.hf_id}` and copy the HF cache here (use HF_HUB_OFFLINE=1), "
+        f"{hf_download_hint(spec.hf_id)} and copy the HF cache here (use HF_HUB_OFFLINE=1), "
         f"or pass the downloaded directory."
     )
 

@@ -67,6 +67,7 @@ class DinoVQModel(nn.Module):
         disc_loss: str = "hinge",
         perceptual_module: nn.Module | None = None,
         in_channels: int = 3,
+        gen_loss: str | None = None,
     ):
         super().__init__()
         if isinstance(img_size, int):
@@ -130,6 +131,7 @@ class DinoVQModel(nn.Module):
             disc_adaptive_weight=disc_adaptive_weight,
             disc_loss=disc_loss,
             in_channels=in_channels,
+            gen_loss=gen_loss,
         )
         # Set by the last generator pass (detached), for logging and for reuse by the discriminator pass.
         self.last_reconstructions: torch.Tensor | None = None

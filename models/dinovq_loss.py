@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from losses.patchgan import D_LOSSES, PatchGANDiscriminator, generator_adv_loss
+from losses.patchgan import D_LOSSES, PatchGANDiscriminator, generator_adv_loss, resolve_gen_loss
 
 
 class DinoVQLoss(nn.Module):
@@ -34,10 +34,14 @@ class DinoVQLoss(nn.Module):
         disc_adaptive_weight: bool = True,
         disc_loss: str = "hinge",
         in_channels: int = 3,
+        gen_loss: str | None = None,
     ):
         super().__init__()
         if disc_loss not in D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
+        # "taming": -mean(D(x_rec)) whatever disc_loss is (taming's VQLPIPSWithDiscriminator);
+        # "non_saturating": mean(softplus(-D(x_rec))); None: taming with hinge, non-saturating with vanilla.
+        self.gen_loss_kind = resolve_gen_loss(disc_loss, gen_loss)
         if disc_start < 0:
             raise ValueError(f"disc_start must be >= 0, got {disc_start}")
         self.use_perceptual = use_perceptual
@@ -84,7 +88,9 @@ class DinoVQLoss(nn.Module):
         return functional_call(self.discriminator, params, (fake,))
 
     def generator_loss(self, fake: torch.Tensor) -> torch.Tensor:
-        return generator_adv_loss(self.generator_logits(fake).float(), self.disc_loss_kind)
+        return generator_adv_loss(
+            self.generator_logits(fake).float(), self.disc_loss_kind, self.gen_loss_kind
+        )
 
     def discriminator_loss(
         self, real: torch.Tensor, fake: torch.Tensor

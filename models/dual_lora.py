@@ -548,13 +548,13 @@ def load_dual_unet(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from utils.weights import resolve_hf_path
+    from utils.weights import resolve_hf_path, sd15_how_to_get
 
     config = read_dual_config(weights_dir)
     root = resolve_hf_path(
         pretrained_model_name_or_path,
         "Stable Diffusion 1.5 base model",
-        "Download runwayml/stable-diffusion-v1-5 (diffusers layout) to models/stable-diffusion-v1-5.",
+        sd15_how_to_get(),
         required_files=("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
     )
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
@@ -590,3 +590,79 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------------------------------------- export
+# Standard diffusers LoRA files, one per branch, for use outside this repository. They hold a branch's LoRA set
+# only: a stock pipeline that loads one runs that branch alone, WITHOUT the branch interaction modules (which
+# need both branches in one batch); use DualAnoDiffPipeline (models/dual_anodiff_pipeline.py) for joint sampling.
+
+BRANCH_LORA_NAMES = {
+    "blend": "pytorch_lora_weights_blend.safetensors",
+    "fg": "pytorch_lora_weights_fg.safetensors",
+}
+
+
+def branch_lora_state_dict(model: nn.Module, branch: str) -> dict[str, torch.Tensor]:
+    """LoRA set of ``branch`` ("blend" | "fg") in peft keys (``<module path>.lora_A.weight``), copied.
+
+    In ``dual_mode="shared"`` both branches have the same (single) set.
+    """
+    model = _unwrap(model)
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    index = BRANCHES.index(branch) if model.dual_mode == "interrelated" else 0
+    state = {}
+    for name, layer in model.lora_layers().items():
+        state[f"{name}.lora_A.weight"] = layer.lora_A[index].weight.detach().float().cpu().clone()
+        state[f"{name}.lora_B.weight"] = layer.lora_B[index].weight.detach().float().cpu().clone()
+    return state
+
+
+def export_branch_loras(
+    model: nn.Module, text_encoder: nn.Module | None, out_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write ``pytorch_lora_weights_{blend,fg}.safetensors`` through diffusers' ``save_lora_weights``.
+
+    Each file: that branch's U-Net LoRA set (+ the text-encoder LoRA, shared by both branches, when
+    ``text_encoder`` carries one), peft keys, the LoRA config (rank, alpha, targets) as adapter metadata.
+    ``pipe.load_lora_weights(out_dir, weight_name=BRANCH_LORA_NAMES["blend"])`` then reproduces the blend
+    branch run alone (``DualLoRAUNet.forward_branch``), i.e. without the interaction. Returns {branch: path}.
+    """
+    import shutil
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    model = _unwrap(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modules = sorted(model.lora_layers())
+    unet_metadata = LoraConfig(r=model.rank, lora_alpha=model.alpha, target_modules=modules).to_dict()
+    te_layers = te_metadata = None
+    if text_encoder is not None:
+        te = _unwrap(text_encoder)
+        te_layers = {k: v.detach().float().cpu().clone() for k, v in text_encoder_lora_state_dict(te).items()}
+        if not te_layers:
+            raise ValueError("export_branch_loras: the text encoder has no LoRA adapter (pass None)")
+        te_metadata = te.peft_config["default"].to_dict()
+    paths = {}
+    for branch, name in BRANCH_LORA_NAMES.items():
+        # Written into a temporary directory and renamed over the final name: no half-written file.
+        tmp = Path(tempfile.mkdtemp(prefix=".lora.", dir=out_dir))
+        try:
+            StableDiffusionPipeline.save_lora_weights(
+                str(tmp),
+                unet_lora_layers=branch_lora_state_dict(model, branch),
+                text_encoder_lora_layers=te_layers,
+                unet_lora_adapter_metadata=unet_metadata,
+                text_encoder_lora_adapter_metadata=te_metadata,
+                weight_name=name,
+                safe_serialization=True,
+            )
+            os.replace(tmp / name, out_dir / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        paths[branch] = out_dir / name
+    return paths

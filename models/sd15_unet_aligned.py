@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -275,13 +276,57 @@ class SD15UNetAligned(nn.Module):
                     )
                 params[n].copy_(v)
 
-    def lora_state_dict_diffusers(self) -> dict[str, torch.Tensor]:
-        """LoRA weights in the diffusers ``pytorch_lora_weights.safetensors`` layout (keys ``unet.…``)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def _peft_lora_state(self) -> dict[str, torch.Tensor]:
+        """peft keys (``<module path>.lora_A.weight`` / ``.lora_B.weight``) of the U-Net's LoRA adapter."""
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        return {f"unet.{k}": v for k, v in state.items()}
+        if not self.lora_targets:
+            raise ValueError("SD15UNetAligned: no LoRA adapter (lora_config was None)")
+        return get_peft_model_state_dict(self.unet)
+
+    def lora_adapter_metadata(self) -> dict[str, Any]:
+        """The adapter's ``LoraConfig`` as a dict (rank, alpha, target modules), as diffusers stores it."""
+        return self.unet.peft_config["default"].to_dict()
+
+    def lora_state_dict_diffusers(self) -> dict[str, torch.Tensor]:
+        """LoRA weights as diffusers' ``StableDiffusionPipeline.save_lora_weights`` writes them: peft keys
+        (``lora_A`` / ``lora_B``, the same style for attention and conv layers) under the ``unet.`` prefix.
+
+        A file holding exactly this dict loads with a stock ``pipe.load_lora_weights(dir)``. Such a file has no
+        adapter metadata, and diffusers then takes ``lora_alpha = rank``; when the config's alpha differs, the
+        scale ``alpha / rank`` is therefore folded into ``lora_B`` so that the loaded U-Net computes the same.
+        (The mixed ``lora.down/up`` + ``lora_A/B`` keys written before made ``load_lora_weights`` silently drop
+        every attention tensor.)
+        """
+        from diffusers import StableDiffusionPipeline
+
+        # Copies: get_peft_model_state_dict returns the live parameters, and a caller that reads the EMA
+        # weights inside ``ema.average_parameters`` and saves after the block would otherwise write the
+        # restored live weights.
+        state = {k: v.detach().clone() for k, v in self._peft_lora_state().items()}
+        config = self.unet.peft_config["default"]
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError("lora_state_dict_diffusers: per-module rank/alpha patterns are not supported")
+        scale = float(config.lora_alpha) / float(config.r)
+        if scale != 1.0:
+            state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+        return StableDiffusionPipeline.pack_weights(state, StableDiffusionPipeline.unet_name)
+
+    def save_lora_weights(
+        self, save_directory: str | Path, weight_name: str = "pytorch_lora_weights.safetensors"
+    ) -> Path:
+        """Write the LoRA through diffusers' own ``StableDiffusionPipeline.save_lora_weights`` (peft keys, the
+        adapter config as metadata, so alpha != rank is stored as such). Returns the file path."""
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            str(save_directory),
+            unet_lora_layers=self._peft_lora_state(),
+            unet_lora_adapter_metadata=self.lora_adapter_metadata(),
+            weight_name=weight_name,
+            safe_serialization=True,
+        )
+        return Path(save_directory) / weight_name
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Build the VAE-latent and DINOv2-token caches in one pass: each image is decoded once and feeds both.
 
     python preprocessing/build_caches.py --csv data/train_200k.csv \\
-        --latent_dir caches/sd15_latents_512 --pretrained_model_name_or_path /models/stable-diffusion-v1-5 \\
+        --latent_dir caches/sd15_latents_512 --pretrained_model_name_or_path models/stable-diffusion-v1-5 \\
         --dino_dir caches/dinov2_vitl14_224 --dinov2_weights /models/dinov2_vitl14_pretrain.pth
 
 Giving only --latent_dir (or only --dino_dir) builds that cache alone. The records are the same as those of
@@ -34,6 +34,7 @@ from preprocessing.cache_jobs import (  # noqa: E402
     add_vae_args,
     run_cli_job,
 )
+from utils.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> list[TargetStats]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,6 +31,7 @@ from preprocessing.cache_jobs import (  # noqa: E402
     add_job_args,
     run_cli_job,
 )
+from utils.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> list[TargetStats]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,16 +24,13 @@ from torchvision import transforms
 
 from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_bytes, record_nbytes
 from datasets.sample_csv import SampleRow, read_sample_csv
-from utils.images import load_rgb
+from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 from utils.logging import get_logger, progress
-from utils.weights import MissingWeightsError, resolve_hf_path
+from utils.weights import SD15_LOCAL_DIR, MissingWeightsError, resolve_hf_path, sd15_how_to_get
 
 logger = get_logger("preprocessing")
 
-SD15_HOW_TO_GET = (
-    "Download Stable Diffusion 1.5 on a machine with network (`huggingface-cli download "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5`) and pass the local directory or copy the HF cache here."
-)
+SD15_HOW_TO_GET = sd15_how_to_get()
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -277,14 +274,20 @@ class DinoTokenEncoder(CacheEncoder):
 
 # -------------------------------------------------------------------------------------------- image loading
 class DecodedImages(Dataset):
-    """Decode each image once and apply every target's transform; unreadable files come back as reasons."""
+    """Decode each image once and apply every target's transform; unreadable files come back as reasons
+    (missing, not an image, truncated, unsupported mode, more than ``max_pixels`` pixels), each naming the file."""
 
     def __init__(
-        self, rows: Sequence[SampleRow], image_root: Path, image_transforms: Sequence[Callable]
+        self,
+        rows: Sequence[SampleRow],
+        image_root: Path,
+        image_transforms: Sequence[Callable],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.rows = list(rows)
         self.image_root = Path(image_root)
         self.image_transforms = list(image_transforms)
+        self.max_pixels = int(max_pixels)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -292,10 +295,10 @@ class DecodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[str, tuple[torch.Tensor, ...] | None, str]:
         row = self.rows[index]
         path = resolve_image_path(row, self.image_root)
-        image = load_rgb(path)
-        if image is None:
-            reason = "file not found" if not path.exists() else "cannot decode image"
-            return row.id, None, f"{path}: {reason}"
+        try:
+            image = read_image(path, "RGB", self.max_pixels)
+        except UnreadableImageError as err:
+            return row.id, None, str(err)
         return row.id, tuple(t(image) for t in self.image_transforms), ""
 
 
@@ -347,10 +350,16 @@ def run_cache_job(
     num_workers: int = 4,
     desc: str = "caching",
     show_progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[TargetStats]:
-    """Fill every target cache for ``rows`` (already this job's shard); returns per-target statistics."""
+    """Fill every target cache for ``rows`` (already this job's shard); returns per-target statistics.
+
+    Unreadable images (``max_pixels``: the decompression-bomb limit) are skipped, counted and listed in each
+    cache's metadata (``corrupt``); they are retried on the next run."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if max_pixels < 1:
+        raise ValueError(f"--max_image_pixels must be >= 1, got {max_pixels}")
     stats = [TargetStats(enc.name, w.path) for enc, w in targets]
     todo = []
     for row in rows:
@@ -363,7 +372,7 @@ def run_cache_job(
         print(
             f"resuming: {len(rows) - len(todo)} of {len(rows)} images are already in every cache", flush=True
         )
-    dataset = DecodedImages(todo, image_root, [enc.transform for enc, _ in targets])
+    dataset = DecodedImages(todo, image_root, [enc.transform for enc, _ in targets], max_pixels)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -445,13 +454,20 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="Compute dtype of the encoders (bfloat16/float16 are faster on GPUs; outputs are stored in --dtype).",
     )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="Images whose header claims more pixels are skipped, counted and listed as unreadable "
+        f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit).",
+    )
     parser.add_argument("--no_progress", action="store_true", help="Disable the progress bar.")
 
 
 def add_vae_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(
         "--pretrained_model_name_or_path",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        default=SD15_LOCAL_DIR,
         help="SD-1.5 pipeline directory (or a hub id in the local HF cache); the VAE is read from its "
         "`vae/` subfolder, or from the directory itself if it is a VAE directory.",
     )
@@ -524,8 +540,20 @@ def run_cli_job(
     """What every cache CLI does once its flags are parsed: pick this job's rows, build the encoders
     (``make_encoders(device) -> [(encoder, output_dir)]``), print the storage estimate, open one writer per
     cache and run the job."""
-    rows, mine, num_shards, shard_index, image_root = job_rows(args)
-    encoders = make_encoders(resolve_device(args))
+    from utils.cli import USER_ERRORS, raise_if_problems
+
+    problems: list[
+        str | BaseException
+    ] = []  # the CSV and the weights are both checked, then reported together
+    try:
+        rows, mine, num_shards, shard_index, image_root = job_rows(args)
+    except (*USER_ERRORS, ValueError) as err:
+        problems.append(err if isinstance(err, USER_ERRORS) else f"{args.csv}: {err}")
+    try:
+        encoders = make_encoders(resolve_device(args))
+    except USER_ERRORS as err:
+        problems.append(err)
+    raise_if_problems(problems)
     print_storage_estimate([e for e, _ in encoders], len(rows), len(mine))
     wid = writer_id(num_shards, shard_index)
     targets = [
@@ -539,4 +567,5 @@ def run_cli_job(
         num_workers=args.num_workers,
         desc=f"{label} [{shard_index + 1}/{num_shards}]",
         show_progress=not args.no_progress,
+        max_pixels=args.max_image_pixels,
     )

@@ -1,7 +1,7 @@
 """Encode images into an LMDB cache of Stable Diffusion VAE latents (scaled, ready for the U-Net).
 
     python preprocessing/encode_vae_latents.py --csv data/train_200k.csv --output_dir caches/sd15_latents_512 \\
-        --pretrained_model_name_or_path /models/stable-diffusion-v1-5 --resolution 512 --dtype float16
+        --pretrained_model_name_or_path models/stable-diffusion-v1-5 --resolution 512 --dtype float16
 
 Each image: shorter side resized to --resolution (bicubic), center crop, [-1, 1], VAE posterior. The record is
 `scaling_factor * (mean - shift_factor)` as [4, res/8, res/8] (the posterior mean: deterministic, so a resumed or
@@ -31,6 +31,7 @@ from preprocessing.cache_jobs import (  # noqa: E402
     add_vae_args,
     run_cli_job,
 )
+from utils.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,4 +65,4 @@ def main(argv: list[str] | None = None) -> list[TargetStats]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

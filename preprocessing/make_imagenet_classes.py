@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 def _package_dir(name: str, hint: str) -> Path:
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

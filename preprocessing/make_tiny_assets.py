@@ -37,6 +37,7 @@ from preprocessing.synthetic_imagenet import (  # noqa: E402
     write_synthetic_imagenet,  # noqa: E402
 )
 from preprocessing.synthetic_mvtec import write_synthetic_mvtec  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 # Bump when anything generated changes: cached trees with another version are regenerated.
 ASSETS_VERSION = 1
@@ -223,17 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic data (default: %(default)s)"
     )
+    parser.add_argument(
+        "--print_paths",
+        action="store_true",
+        help="print the JSON table of asset paths also when nothing was generated",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         paths, generated = _ensure(args.out, force=args.force, size=args.size, seed=args.seed)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
-    status = "cached" if not generated else f"generated in {time.perf_counter() - start:.1f} s"
-    print(f"tiny assets ({status}):", file=sys.stderr)
-    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    if generated or args.print_paths:
+        status = "cached" if not generated else f"generated in {time.perf_counter() - start:.1f} s"
+        print(f"tiny assets ({status}):", file=sys.stderr)
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    else:  # the demo scripts call this before each part: one line, not the whole table every time
+        print(f"tiny assets: up to date in {args.out} (--print_paths lists them)", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -1,6 +1,6 @@
 """Pre-compute SD-1.5 CLIP text embeddings of "a photo of a {class name}" for every class, plus the null prompt.
 
-    python preprocessing/prepare_clip_embeddings.py --pretrained_model_name_or_path /models/stable-diffusion-v1-5 \\
+    python preprocessing/prepare_clip_embeddings.py --pretrained_model_name_or_path models/stable-diffusion-v1-5 \\
         --out caches/clip_imagenet_sd15.safetensors
 
 Output: one tensor `embeddings` of shape [K+1, 77, 768] (K = 1000 classes of datasets/imagenet_classes.json),
@@ -25,8 +25,9 @@ import torch  # noqa: E402
 from preprocessing.cache_jobs import MODEL_DTYPES, SD15_HOW_TO_GET  # noqa: E402
 from preprocessing.sample_imagenet_subset import DEFAULT_CLASS_INDEX, load_class_index  # noqa: E402
 from utils.checkpoint import save_safetensors_atomic, torch_save_atomic  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import progress  # noqa: E402
-from utils.weights import resolve_hf_path  # noqa: E402
+from utils.weights import SD15_LOCAL_DIR, resolve_hf_path  # noqa: E402
 
 DEFAULT_TEMPLATE = "a photo of a {}"
 
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--pretrained_model_name_or_path",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        default=SD15_LOCAL_DIR,
         help="SD-1.5 pipeline directory (or hub id in the local HF cache) with tokenizer/ and text_encoder/.",
     )
     parser.add_argument("--out", required=True, help="Output file, .safetensors or .pt.")
@@ -130,4 +131,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,7 @@ import random  # noqa: E402
 
 from datasets.sample_csv import CSV_COLUMNS  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.logging import get_logger, progress  # noqa: E402
 
@@ -135,6 +136,21 @@ def write_csv(rows: list[dict[str, str | int]], path: str | os.PathLike) -> None
         writer.writerows(rows)
 
 
+def skipped_summary(
+    skipped: dict[str, str], num_classes: int, args: argparse.Namespace, split_dir: Path, listing: Path
+) -> str:
+    """One line for the skipped classes (a partial ImageNet would otherwise log ~1000 lines)."""
+    no_folder = sum("missing" in reason for reason in skipped.values())
+    line = (
+        f"skipped {len(skipped)} of {num_classes} classes of {args.class_index_json}: {no_folder} have no folder "
+        f"in {split_dir}, {len(skipped) - no_folder} have fewer than {args.per_class} images; all listed in "
+        f"{listing}; e.g. {'; '.join(list(skipped.values())[:3])}"
+    )
+    if no_folder > num_classes // 2 and args.class_index_json == str(DEFAULT_CLASS_INDEX):
+        line += ". A partial ImageNet? Pass --class_index_json with only its classes to number them 0..K-1."
+    return line
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,10 +195,11 @@ def main(argv: list[str] | None = None) -> Path:
         )
     relative_to = Path(args.relative_to).absolute() if args.relative_to else None
     rows, skipped = sample_subset(split_dir, classes, args.per_class, args.seed, relative_to)
-    for synset, reason in skipped.items():
-        logger.warning("skipped %s: %s", synset, reason)
     if not rows:
-        raise SystemExit(f"no class of {args.class_index_json} has {args.per_class} images in {split_dir}")
+        raise UserError(
+            f"no class of {args.class_index_json} has {args.per_class} images in {split_dir}"
+            + (f" (e.g. {next(iter(skipped.values()))})" if skipped else "")
+        )
     total = len(rows)
     out = (
         Path(args.out)
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> Path:
             tmp.write_text("".join(f"{s}\t{r}\n" for s, r in skipped.items()))
     elif skipped_file.exists():
         skipped_file.unlink()
+    if skipped:
+        logger.warning(skipped_summary(skipped, len(classes), args, split_dir, skipped_file))
     used = len(classes) - len(skipped)
     print(
         f"wrote {out}: {total} images = {used} classes x {args.per_class} (seed {args.seed}); "
@@ -205,4 +224,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,7 +15,7 @@ import torch
 
 from preprocessing.clip_bpe_tokenizer import BOS_TOKEN, CLIP_VOCAB_SIZE, EOS_TOKEN, write_clip_tokenizer
 
-# SD-1.5 (runwayml/stable-diffusion-v1-5 unet/config.json) block layout, reproduced verbatim.
+# SD-1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json) block layout, reproduced verbatim.
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_MID_BLOCK = "UNetMidBlock2DCrossAttn"
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")

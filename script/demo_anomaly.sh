@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The whole anomaly pipeline on the tiny offline assets, CPU, a few minutes:
 # tiny assets -> stage 1 (DreamBooth LoRA + DINOv2 loss) -> stage 2 (dual LoRA) -> generation (images,
-# fg, masks) -> IC-LPIPS and IS. Every step runs with the reference-compatible defaults (few-shot split, hv
-# flips, bilinear resize, grey fg background, official interaction module, PNDM sampler, official centres). LPIPS/Inception use RANDOM weights here (no real weights offline): the
-# numbers only show that everything runs. Outputs go to outputs/demo_anomaly/.
+# fg, masks) -> IC-LPIPS and IS -> labelled figures (generated triplets; mask extraction on synthetic fg
+# with known masks, IoU printed). Every step runs with the reference-compatible defaults (few-shot split, hv
+# flips, bilinear resize, grey fg background, official interaction module, PNDM sampler, official centres).
+# The tiny SD-1.5 and LPIPS/Inception have RANDOM weights here (no real weights offline): pictures are noise,
+# the metric values only show that everything runs. Outputs go to outputs/demo/anomaly/ (OUT=... to move them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.env/bin/python}
-OUT=${OUT:-outputs/demo_anomaly}
+source script/lib/python.sh
+PY=$PYTHON
+OUT=${OUT:-outputs/demo/anomaly}
 TINY=${TINY:-.cache/tiny}
 STEPS1=${STEPS1:-4}
 STEPS2=${STEPS2:-8}   # stage 2 continues the stage-1 step count: STEPS2 > STEPS1
@@ -16,6 +19,8 @@ export HF_HUB_OFFLINE=1
 
 "$PY" preprocessing/make_tiny_assets.py --out "$TINY"
 MODEL="$TINY/sd15"; DATA="$TINY/mvtec"; NAME=hazelnut; ANOMALY=hole
+# A demo run starts fresh: generation skips files that exist, and would keep a previous run's images.
+rm -rf "${OUT:?}/$NAME" "$OUT/generate_data" "$OUT/figures"
 DINO=(--use_dinov2_loss --dinov2_loss_weight 0.1 --dinov2_model_name tiny14 --dinov2_loss_type l2
       --dinov2_feature_layers 1 3 --dinov2_weights "$TINY/dinov2/dinov2_tiny14_pretrain.pth" --dinov2_resolution 28)
 
@@ -48,4 +53,7 @@ echo "== IC-LPIPS (random VGG: smoke test only; official centres: first N//3 sor
 echo "== Inception Score (random Inception: smoke test only) =="
 "$PY" eval/compute_is.py --image_dir "$OUT/generate_data/$NAME/$ANOMALY" --splits 2 --batch_size 6 --random_weights \
   --output_json "$OUT/generate_data/$NAME/$ANOMALY/is.json"
-echo "demo done: $OUT"
+echo "== figures: generated triplets (labelled) and mask extraction on synthetic fg with known masks =="
+"$PY" script/demo_anomaly_figures.py --gen_dir "$OUT/generate_data/$NAME" --defect $ANOMALY --mvtec_root "$DATA" \
+  --out "$OUT/figures"
+echo "demo done: $OUT (figures/generated_triplets.png, figures/mask_extraction.png, generate_data/)"

@@ -17,7 +17,9 @@ import torch  # noqa: E402
 
 from models.dinov2_encoder import DINOv2Encoder  # noqa: E402
 from preprocessing.make_tiny_assets import ensure_tiny_assets  # noqa: E402
-from utils.images import list_images, load_rgb, pil_to_tensor, save_image_grid  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.figures import save_labelled_grid  # noqa: E402
+from utils.images import list_images, load_rgb, pil_to_tensor  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
 
@@ -39,13 +41,23 @@ def main() -> None:
 
     pipe = StableDiffusionPipeline.from_pretrained(assets["sd15"])
     pipe.set_progress_bar_config(disable=True)
+    prompts = ["a vfx", "a photo of a tench"]
     images = pipe(
-        ["a vfx", "a photo of a tench"],
+        prompts,
         num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
     ).images
-    grid = save_image_grid(images, out / "sd15_samples.png", value_range=(0, 1))
+    grid = save_labelled_grid(
+        images,
+        out / "sd15_samples.png",
+        ncols=len(prompts),
+        col_labels=[f'"{p}"' for p in prompts],
+        title=f"Tiny SD-1.5 through StableDiffusionPipeline, {args.steps} steps",
+        note="random weights — pictures are noise by design",
+        value_range=(0, 1),
+        cell_inches=1.8,
+    )
     print(f"[sd15] {type(pipe.unet).__name__} sampled {tuple(images.shape)} in {args.steps} steps -> {grid}")
 
     encoder = DINOv2Encoder.from_pretrained(assets["dinov2_official"], variant="tiny14", resolution=56)
@@ -60,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # U-REPA preprocessing on the tiny assets (CPU, ~1-2 min): sample CSV -> one-pass latent + DINO caches
-# -> CLIP class embeddings -> a dataset smoke check. Outputs under ${OUT:-outputs/demo_urepa}/data:
+# -> CLIP class embeddings -> a dataset smoke check. Outputs under ${OUT:-outputs/demo/urepa}/data:
 #   train.csv  latents/  dino/  clip.safetensors
 # Real data: see docs/urepa_preprocessing.md (same scripts, real weights and ImageNet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.env/bin/python}
-[ -x "$PY" ] || PY=python
-OUT=${OUT:-outputs/demo_urepa}/data
+source script/lib/python.sh
+PY=$PYTHON
+OUT=${OUT:-outputs/demo/urepa}/data
 TINY=${TINY:-.cache/tiny}
 mkdir -p "$OUT"
 

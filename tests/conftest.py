@@ -1,4 +1,5 @@
-"""Session-wide test setup: repo root importable, offline hub, 2 torch threads, the tiny assets fixture."""
+"""Session-wide test setup: repo root importable, offline hub, 2 torch threads, the tiny assets fixture,
+random-weight Inception files and a fast sqrtm stand-in for FID comparisons."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from a test
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -24,3 +26,52 @@ def tiny_assets() -> dict[str, Path]:
     from preprocessing.make_tiny_assets import ensure_tiny_assets
 
     return ensure_tiny_assets(REPO_ROOT / ".cache" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def random_inception_torchscript(tmp_path_factory) -> Path:
+    """A small random TorchScript module with StyleGAN2-ADA's Inception interface: what clean-fid's mode "clean"
+    and the sFID code run. Saved under a non-standard name, so the code under test must be pointed at it.
+    Its scores mean nothing."""
+    from eval.inception import write_random_torchscript_inception
+
+    return write_random_torchscript_inception(tmp_path_factory.mktemp("inception_ts") / "random_inception.pt")
+
+
+@pytest.fixture(scope="session")
+def random_inception_state_dict(tmp_path_factory) -> Path:
+    """The full pytorch-fid / torch-fidelity Inception with random weights (clean-fid's "legacy_pytorch" and
+    torch-fidelity both load it), under a non-standard name. Its scores mean nothing."""
+    from eval.inception import write_random_fid_state_dict
+
+    return write_random_fid_state_dict(tmp_path_factory.mktemp("inception_sd") / "random_inception.pth")
+
+
+def trace_preserving_sqrtm(m: np.ndarray, disp: bool = True, blocksize: int = 64):
+    """A matrix with the trace of ``sqrtm(m)`` for a LOW-RANK ``m`` (the product of two covariances of a few
+    test images), in milliseconds instead of minutes.
+
+    scipy's Schur ``sqrtm`` of a 2048x2048 matrix takes minutes on a shared 2-core CPU. ``frechet_distance``
+    (clean-fid's) only uses the result's trace, finiteness and imaginary part. ``range(m)`` has dimension
+    r <= (number of images - 1); with ``Q`` an orthonormal basis of it, the non-zero eigenvalues of ``m`` are
+    those of ``Q^T m Q`` (as ``m = Q Q^T m``), so ``diag(sqrt(eig(Q^T m Q)))`` padded with zeros has the
+    trace of ``sqrtm(m)``. Checked against scipy on a small case (``test_trace_preserving_sqrtm``).
+    """
+    m = np.asarray(m, dtype=np.float64)
+    n = m.shape[0]
+    probe = np.random.default_rng(0).normal(size=(n, min(n, 64)))
+    q, _ = np.linalg.qr(m @ probe)
+    eig = np.linalg.eigvals(q.T @ m @ q)
+    out = np.zeros_like(m)
+    k = eig.shape[0]
+    out[np.arange(k), np.arange(k)] = np.sqrt(np.clip(eig.real, 0.0, None))
+    return (out, 0.0) if not disp else out
+
+
+@pytest.fixture
+def fast_sqrtm(monkeypatch):
+    """Patch scipy's sqrtm where clean-fid's frechet_distance reads it (ours calls the same function)."""
+    import cleanfid.fid
+
+    monkeypatch.setattr(cleanfid.fid.linalg, "sqrtm", trace_preserving_sqrtm)
+    return trace_preserving_sqrtm

@@ -12,6 +12,20 @@ from tqdm.auto import tqdm
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _DropEmptyFp32Warning(logging.Filter):
+    """diffusers' ModelMixin.to(dtype) warns "modules ... should be kept in float32: []" even when the list is
+    empty (nothing is kept in float32, nothing can go wrong); drop exactly that case, keep a non-empty list."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+# Installed on import: every entry point imports this module, and a filter on diffusers' logger works even
+# before diffusers itself is imported (logging.getLogger creates the logger).
+_EMPTY_FP32_FILTER = _DropEmptyFp32Warning()
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EMPTY_FP32_FILTER)
+
+
 def get_logger(name: str, level: int = logging.INFO) -> logging.Logger:
     """A logger that prints to stderr once (no duplicate handlers on repeated calls)."""
     logger = logging.getLogger(name)

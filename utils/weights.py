@@ -6,9 +6,35 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+# Stable Diffusion 1.5: the current hub id (the old runwayml/ repo is gone) and the folder the scripts default to.
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_LOCAL_DIR = "models/stable-diffusion-v1-5"
+
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights are not on this machine (the repo never downloads them at run time)."""
+
+
+def hf_download_hint(repo_id: str, local_dir: str | os.PathLike | None = None) -> str:
+    """The command that fetches a hub repo on a machine with network, in backticks.
+
+    ``hf`` is the CLI of huggingface_hub >= 0.34 (the one in requirements.txt); older releases called it
+    ``huggingface-cli`` (same arguments), which the README mentions once.
+    """
+    command = f"hf download {repo_id}"
+    if local_dir is not None:
+        command += f" --local-dir {local_dir}"
+    return f"`{command}`"
+
+
+def sd15_how_to_get(local_dir: str | os.PathLike = SD15_LOCAL_DIR) -> str:
+    """How to get Stable Diffusion 1.5 in diffusers layout, for every error that misses it."""
+    return (
+        f"Download Stable Diffusion 1.5 (diffusers layout) on a machine with network: "
+        f"{hf_download_hint(SD15_HUB_ID, local_dir)}, copy that folder here and pass its path; or try the "
+        f"code on the tiny offline model: `python preprocessing/make_tiny_assets.py --out .cache/tiny` and "
+        f"pass .cache/tiny/sd15."
+    )
 
 
 def require_file(path: str | os.PathLike, what: str, how_to_get: str) -> Path:
@@ -60,7 +86,7 @@ def resolve_hf_path(
                 os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME", "~/.cache/huggingface") + "/hub"
             )
             hint = how_to_get or (
-                f"On a machine with network run `huggingface-cli download {name}` and copy the cache "
+                f"On a machine with network run {hf_download_hint(name)} and copy the cache "
                 f"({cache}) here, or pass a local directory."
             )
             raise MissingWeightsError(

@@ -23,46 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Sample RSS in a background thread; ``peak - start`` is the extra memory of the measured block."""
-
-    def __init__(self, interval: float = 0.0005):
-        self.interval = interval
-
-    def __enter__(self):
-        self.start = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
+from utils.memory import PeakRSS  # noqa: E402
 
 
 def naive_loss(model, cfg, pred, target):
@@ -84,8 +51,11 @@ def naive_loss(model, cfg, pred, target):
     finally:
         for h in handles:
             h.remove()
-    w = weight_curve(len(mods), cfg.start_weight, cfg.end_weight, cfg.curve_force)
-    terms = [w[k] * cfg.loss_func(p, t) for (k, p), (_, t) in zip(preds, targets)]
+    slot: dict[int, int] = {}  # weight slots in firing order (GlobalPercLoss's default, as the reference)
+    for k, _ in targets:
+        slot.setdefault(k, len(slot))
+    w = weight_curve(len(slot), cfg.start_weight, cfg.end_weight, cfg.curve_force)
+    terms = [w[slot[k]] * cfg.loss_func(p, t) for (k, p), (_, t) in zip(preds, targets)]
     return torch.stack(terms).sum() / len(terms)
 
 

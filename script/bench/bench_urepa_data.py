@@ -3,6 +3,8 @@
 1. Loader vs raw LMDB: `SD15AlignedDataset` (latent + DINO tokens + CLIP row + CFG draw, through a DataLoader)
    against raw sequential `txn.get` of the same two records per sample from the same shards. Records have the
    real sizes: latent [4, 64, 64] fp16 (32 KiB) and DINOv2 ViT-L tokens [256, 1024] fp16 (512 KiB). Target >= 0.8x.
+   In the same interleaved rounds: the train_sd15.py loader with per-record checksum verification on and off
+   (`--checksum` picks the caches' algorithm: xxh3_64, crc32). Target: checksums cost <= 5 %.
 2. One-pass cache building vs model-only: `run_cache_job` (JPEG decode in DataLoader workers, both transforms,
    both encoders, LMDB commits) against the encoders alone on the same pre-decoded batches. Models have the real
    architectures with random weights (no weights needed): SD-1.5's AutoencoderKL and DINOv2 (`--dino_variant`).
@@ -10,6 +12,8 @@
 
     python script/bench/bench_urepa_data.py                       # both, CPU-sized defaults
     python script/bench/bench_urepa_data.py --skip_build --num_records 2000
+    python script/bench/bench_urepa_data.py --skip_build --checksum crc32 --loader_workers 0
+    python script/bench/bench_urepa_data.py --skip_build --loader_workers 0 --cpu_time   # on a shared machine
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -31,7 +36,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datasets.lmdb_cache import LMDBCacheReader, LMDBCacheWriter, shared_readonly_env  # noqa: E402
+from datasets.lmdb_cache import (  # noqa: E402
+    DEFAULT_CHECKSUM,
+    LMDBCacheReader,
+    LMDBCacheWriter,
+    shared_readonly_env,
+)
 from datasets.sample_csv import read_sample_csv  # noqa: E402
 from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
 
@@ -39,6 +49,7 @@ from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noq
 def write_synthetic_caches(
     root: Path,
     n: int,
+    checksum: str | None = DEFAULT_CHECKSUM,
     latent_shape: tuple[int, int, int] = (4, 64, 64),
     dino_grid: tuple[int, int] = (16, 16),
     dino_dim: int = 1024,
@@ -78,8 +89,8 @@ def write_synthetic_caches(
     }
     g = torch.Generator().manual_seed(0)
     with (
-        LMDBCacheWriter(root / "lat", lat_meta, commit_every=64) as lw,
-        LMDBCacheWriter(root / "dino", dino_meta, commit_every=64) as dw,
+        LMDBCacheWriter(root / "lat", lat_meta, commit_every=64, checksum=checksum) as lw,
+        LMDBCacheWriter(root / "dino", dino_meta, commit_every=64, checksum=checksum) as dw,
     ):
         for sid in ids:
             lw.put(sid, torch.randn(*latent_shape, generator=g).half())
@@ -101,7 +112,7 @@ def raw_sequential(root: Path, ids: list[str], batch_size: int, keep_batch: bool
     lat_shard, dino_shard = lat.locate(ids), dino.locate(ids)
     lat_envs = [shared_readonly_env(p) for p in lat.shard_paths]
     dino_envs = [shared_readonly_env(p) for p in dino.shard_paths]
-    start = time.perf_counter()
+    start = CLOCK()
     batch: list[bytes] = []
     for sid, a, b in zip(ids, lat_shard, dino_shard):
         key = sid.encode()
@@ -113,32 +124,55 @@ def raw_sequential(root: Path, ids: list[str], batch_size: int, keep_batch: bool
             batch += [x, y]
             if len(batch) == 2 * batch_size:
                 batch = []
-    return len(ids) / (time.perf_counter() - start)
+    return len(ids) / (CLOCK() - start)
+
+
+TRAIN_LOADER = "make_batched_loader(compact=True)"
+
+
+# Wall time by default; --cpu_time: CPU time of the main thread (torch on 1 thread), which other processes on a
+# shared machine disturb far less (meaningful with 0 loader workers only: workers' time is not counted).
+CLOCK = time.perf_counter
 
 
 def loader_rate(loader: DataLoader) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     n = 0
     for batch in loader:
         n += batch["latent"].shape[0]
-    return n / (time.perf_counter() - start)
+    return n / (CLOCK() - start)
 
 
 def bench_loader(args: argparse.Namespace, work: Path) -> None:
     root = work / "loader"
     root.mkdir()
     t = time.perf_counter()
-    write_synthetic_caches(root, args.num_records)
+    write_synthetic_caches(root, args.num_records, args.checksum)
     print(
-        f"wrote {args.num_records} synthetic records (latent 32 KiB + tokens 512 KiB each) in "
-        f"{time.perf_counter() - t:.1f} s"
+        f"wrote {args.num_records} synthetic records (latent 32 KiB + tokens 512 KiB each, checksum "
+        f"{args.checksum}) in {time.perf_counter() - t:.1f} s"
     )
     ids = [r.id for r in read_sample_csv(root / "train.csv")]
     ds = SD15AlignedDataset(
         root / "train.csv", root / "lat", root / "dino", root / "clip.pt", cfg_dropout=0.1
     )
+    # the same caches with checksums verified on every read / never (lengths are always checked); `ds` above
+    # verifies each sample once per run (the default), so from the second round on it is in steady state
+    variants = {
+        mode: SD15AlignedDataset(
+            root / "train.csv",
+            root / "lat",
+            root / "dino",
+            root / "clip.pt",
+            cfg_dropout=0.1,
+            verify_checksums=mode,
+        )
+        for mode in ("always", "off")
+    }
     bs = args.batch_size
     raw_sequential(root, ids, bs, False)  # warm the page cache for both sides
+    for _batch in make_batched_loader(ds, bs, shuffle=False, drop_last=False, compact=True, num_workers=0):
+        pass  # verify_checksums=once: every sample verified before the rounds (steady state)
     loaders = {}
     for workers in args.loader_workers:
         kw = {"num_workers": workers, "prefetch_factor": 4 if workers else None}
@@ -148,17 +182,23 @@ def bench_loader(args: argparse.Namespace, work: Path) -> None:
         loaders[("make_batched_loader", workers)] = make_batched_loader(
             ds, bs, shuffle=False, drop_last=False, **kw
         )
-        loaders[("make_batched_loader(compact=True), as train_sd15.py", workers)] = make_batched_loader(
+        loaders[(f"{TRAIN_LOADER}, as train_sd15.py (verify_checksums=once)", workers)] = make_batched_loader(
             ds, bs, shuffle=False, drop_last=False, compact=True, **kw
         )
+        for mode, variant in variants.items():
+            loaders[(f"{TRAIN_LOADER}, verify_checksums={mode}", workers)] = make_batched_loader(
+                variant, bs, shuffle=False, drop_last=False, compact=True, **kw
+            )
     # Rounds: each round measures the raw reads and every loader once, so drifts in machine load and memory
     # state hit all of them alike; medians over the rounds are reported.
     runs: dict = {"drop": [], "keep": [], **{k: [] for k in loaders}}
-    for _ in range(args.repeats):
+    for round_ in range(args.repeats):
         runs["drop"].append(raw_sequential(root, ids, bs, False))
         runs["keep"].append(raw_sequential(root, ids, bs, True))
-        for key, loader in loaders.items():
-            runs[key].append(loader_rate(loader))
+        order = list(loaders)
+        random.Random(round_).shuffle(order)  # no loader always runs right after the same one
+        for key in order:
+            runs[key].append(loader_rate(loaders[key]))
     med = {k: float(np.median(v)) for k, v in runs.items()}
     raw_drop, raw_keep = med["drop"], med["keep"]
     print(
@@ -173,6 +213,25 @@ def bench_loader(args: argparse.Namespace, work: Path) -> None:
     print("|---|---|---|---|---|")
     for (name, workers), got in ((k, med[k]) for k in loaders):
         print(f"| {name} | {workers} | {got:.0f} | {got / raw_keep:.2f}x | {got / raw_drop:.2f}x |")
+    print(
+        f"\n## Checksum cost ({args.checksum}) in the train_sd15.py loader, against verify_checksums=off: same "
+        "rounds, medians; 'paired' = median over rounds of (1 - rate/rate_off) measured back to back. 'once' is "
+        "the steady state after each sample was verified (round 1 verified them); 'always' = the first epoch"
+    )
+    print("| workers | off (samples/s) | once | cost | paired | always | cost | paired |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workers in args.loader_workers:
+        off = runs[(f"{TRAIN_LOADER}, verify_checksums=off", workers)]
+        row = [f"{workers}", f"{np.median(off):.0f}"]
+        for mode in ("as train_sd15.py (verify_checksums=once)", "verify_checksums=always"):
+            on = runs[(f"{TRAIN_LOADER}, {mode}", workers)]
+            paired = float(np.median([1 - a / b for a, b in zip(on, off)]))
+            row += [
+                f"{np.median(on):.0f}",
+                f"{100 * (1 - np.median(on) / np.median(off)):.1f} %",
+                f"{100 * paired:.1f} %",
+            ]
+        print("| " + " | ".join(row) + " |")
 
 
 def write_jpegs(root: Path, n: int) -> Path:
@@ -275,6 +334,12 @@ def main() -> None:
         "--loader_workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to try."
     )
     parser.add_argument("--repeats", type=int, default=3, help="Repeats per measurement (median reported).")
+    parser.add_argument(
+        "--checksum",
+        choices=["xxh3_64", "crc32"],
+        default=DEFAULT_CHECKSUM,
+        help="Per-record checksum of the loader bench's caches (on/off compared in the same rounds).",
+    )
     parser.add_argument("--num_images", type=int, default=32, help="JPEGs for the cache-building bench.")
     parser.add_argument("--build_batch", type=int, default=8, help="Encoder batch size in the build bench.")
     parser.add_argument("--build_workers", type=int, default=1, help="Decode workers in the build bench.")
@@ -283,13 +348,22 @@ def main() -> None:
     parser.add_argument(
         "--dino_resolution", type=int, default=224, help="DINO input side in the build bench."
     )
+    parser.add_argument(
+        "--cpu_time",
+        action="store_true",
+        help="Time the loader bench in CPU time of the main thread, torch on 1 thread (shared machines; use "
+        "--loader_workers 0).",
+    )
     parser.add_argument("--skip_loader", action="store_true")
     parser.add_argument("--skip_build", action="store_true")
     parser.add_argument(
         "--workdir", default=None, help="Scratch directory (default: a temporary one, removed)."
     )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    global CLOCK
+    CLOCK = time.thread_time if args.cpu_time else time.perf_counter
+    # --cpu_time counts this thread only: keep torch's work on it (no intra-op threads)
+    torch.set_num_threads(1 if args.cpu_time else max(1, os.cpu_count() or 1))
     work = Path(tempfile.mkdtemp(prefix="bench_urepa_", dir=args.workdir))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, scratch {work}, "

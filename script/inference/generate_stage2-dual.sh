@@ -4,7 +4,8 @@
 # Sampler: PRESET=official (default: PNDM, 100 steps, guidance 2.5, as DualAnoDiff's inference) or fast.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.env/bin/python}
+source script/lib/python.sh  # PYTHON, else .env/bin/python when .env exists
+PY=$PYTHON
 MODEL_NAME=${MODEL_NAME:-models/stable-diffusion-v1-5}
 NAME=${NAME:-hazelnut}
 ANOMALY=${ANOMALY:-hole}

@@ -4,25 +4,30 @@
 # any extra flags passed through ("$@" comes last, so it overrides the defaults below).
 #   bash script/train/train_stage1-full.sh
 #   NAME=bottle bash script/train/train_stage1-full.sh --max_train_steps 3000
-# Demo on the tiny assets (CPU, minutes): see docs/anomaly_training.md.
-# Data handling (few-shot split, flips, resize, fg background) and the stage-2 interaction module are the
-# reference trainers' by default: see "Deviations from the reference" in docs/anomaly_training.md.
+#   bash script/train/train_stage1-full.sh --help     # the trainer's flags
+# Python: PYTHON, else .env/bin/python when .env exists; launcher: LAUNCH, else accelerate's launcher run by that
+# Python (script/lib/python.sh). Demo on the tiny assets (CPU, minutes): see docs/anomaly_training.md.
+# Data handling (few-shot split, flips, resize, fg background) is the reference trainers' by default: see
+# "Deviations from the reference" in docs/anomaly_training.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source script/lib/python.sh
+for arg in "$@"; do  # --help needs no model or data
+  if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec "$PYTHON" train/stage1-full/train.py --help; fi
+done
 
 MODEL_NAME="${MODEL_NAME:-models/stable-diffusion-v1-5}"
 INSTANCE_DIR="${INSTANCE_DIR:-datasets/mvtec_ad}"
 NAME="${NAME:-hazelnut}"
 OUTPUT_DIR="${OUTPUT_DIR:-all_generate/}"
-PYTHON="${PYTHON:-.env/bin/python}"
-LAUNCH="${LAUNCH:-accelerate launch}"
 
 if [ ! -d "$MODEL_NAME" ] && [[ "$MODEL_NAME" != */* || "$MODEL_NAME" == models/* ]]; then
   echo "error: Stable Diffusion 1.5 not found at MODEL_NAME=$MODEL_NAME" >&2
-  echo "  Download it in diffusers layout (e.g. huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir $MODEL_NAME)" >&2
+  echo "  Download it in diffusers layout on a machine with network (hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir $MODEL_NAME)" >&2
   echo "  or point MODEL_NAME at a local copy. Demo on the tiny model instead:" >&2
   echo "    $PYTHON preprocessing/make_tiny_assets.py --out .cache/tiny" >&2
-  echo "    MODEL_NAME=.cache/tiny/sd15 INSTANCE_DIR=.cache/tiny/mvtec OUTPUT_DIR=outputs/demo LAUNCH=$PYTHON bash script/train/train_stage1-full.sh --resolution 64 --train_batch_size 2 --max_train_steps 20 --rank 4 --dinov2_model_name tiny14 --dinov2_weights .cache/tiny/dinov2/dinov2_tiny14_pretrain.pth --dinov2_feature_layers 1 3 --checkpointing_steps 10" >&2
+  echo "    export MODEL_NAME=.cache/tiny/sd15 INSTANCE_DIR=.cache/tiny/mvtec OUTPUT_DIR=outputs/tiny_anomaly_scripts" >&2
+  echo "    and the flags of docs/anomaly_training.md (Demo on the tiny assets)." >&2
   exit 2
 fi
 if [ ! -d "$INSTANCE_DIR/$NAME" ]; then

@@ -4,10 +4,17 @@
 # the environment; extra flags are passed through ("$@" comes last, so it overrides the defaults below).
 #   bash script/train/train_stage2-dual.sh
 #   ANOMALY=crack bash script/train/train_stage2-dual.sh --dual_mode shared
+#   bash script/train/train_stage2-dual.sh --help     # the trainer's flags
+# Python: PYTHON, else .env/bin/python when .env exists; launcher: LAUNCH, else accelerate's launcher run by that
+# Python (script/lib/python.sh).
 # Data handling (few-shot split, flips, resize, fg background) and the stage-2 interaction module are the
 # reference trainers' by default: see "Deviations from the reference" in docs/anomaly_training.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source script/lib/python.sh
+for arg in "$@"; do  # --help needs no model, data or checkpoint
+  if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec "$PYTHON" train/stage2-dual/train.py --help; fi
+done
 
 MODEL_NAME="${MODEL_NAME:-models/stable-diffusion-v1-5}"
 INSTANCE_DIR="${INSTANCE_DIR:-datasets/mvtec_ad}"
@@ -15,12 +22,11 @@ NAME="${NAME:-hazelnut}"
 ANOMALY="${ANOMALY:-hole}"
 OUTPUT_DIR="${OUTPUT_DIR:-all_generate/}"
 STAGE1_CKPT="${STAGE1_CKPT:-$OUTPUT_DIR/$NAME/stage1-full/checkpoint-5000}"
-PYTHON="${PYTHON:-.env/bin/python}"
-LAUNCH="${LAUNCH:-accelerate launch}"
 
 if [ ! -d "$MODEL_NAME" ] && [[ "$MODEL_NAME" != */* || "$MODEL_NAME" == models/* ]]; then
   echo "error: Stable Diffusion 1.5 not found at MODEL_NAME=$MODEL_NAME" >&2
-  echo "  Download it in diffusers layout or point MODEL_NAME at a local copy; for the tiny demo see docs/anomaly_training.md" >&2
+  echo "  Download it in diffusers layout (hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir $MODEL_NAME)" >&2
+  echo "  or point MODEL_NAME at a local copy; for the tiny demo see docs/anomaly_training.md" >&2
   echo "  (MODEL_NAME=.cache/tiny/sd15 INSTANCE_DIR=.cache/tiny/mvtec after $PYTHON preprocessing/make_tiny_assets.py --out .cache/tiny)." >&2
   exit 2
 fi

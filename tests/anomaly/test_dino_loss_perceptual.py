@@ -60,7 +60,7 @@ def encoder():
     return DINOv2Encoder(variant="tiny14", resolution=28, input_range="-1_1")
 
 
-def _hand_loss(enc, a, b, layers, kind):
+def _hand_loss(enc, a, b, layers, kind, reduction="sum"):
     fa = enc(a, layers=layers, return_patch_tokens=False).intermediate
     fb = enc(b, layers=layers, return_patch_tokens=False).intermediate
     total = np.zeros(a.shape[0])
@@ -75,19 +75,20 @@ def _hand_loss(enc, a, b, layers, kind):
             v = d**2
         else:
             v = np.where(np.abs(d) < 1, 0.5 * d**2, np.abs(d) - 0.5)
-        total += v.reshape(a.shape[0], -1).mean(1) / len(layers)
+        total += v.reshape(a.shape[0], -1).mean(1) * (1.0 if reduction == "sum" else 1.0 / len(layers))
     return total
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("kind", ["l1", "l2", "smooth_l1"])
-def test_dino_loss_matches_hand_computation(encoder, kind):
+def test_dino_loss_matches_hand_computation(encoder, kind, reduction):
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, 3, 40, 40, generator=g) * 2 - 1
     b = torch.rand(2, 3, 40, 40, generator=g) * 2 - 1
-    loss = DINOv2PerceptualLoss(encoder, layers=[1, 3], loss_type=kind)
+    loss = DINOv2PerceptualLoss(encoder, layers=[1, 3], loss_type=kind, layer_reduction=reduction)
     per_sample, per_layer = loss(a, b)
     np.testing.assert_allclose(
-        per_sample.double().numpy(), _hand_loss(encoder, a, b, [1, 3], kind), rtol=1e-4
+        per_sample.double().numpy(), _hand_loss(encoder, a, b, [1, 3], kind, reduction), rtol=1e-4
     )
     assert set(per_layer) == {1, 3}
     same, _ = loss(a, a)
@@ -103,6 +104,17 @@ def test_dino_loss_checks_layers_against_depth(encoder):
         DINOv2PerceptualLoss(encoder, layers=[3, 6, 9, 11])
     with pytest.raises(ValueError, match="loss type"):
         DINOv2PerceptualLoss(encoder, layers=[1], loss_type="cosine")
+    with pytest.raises(ValueError, match="layer_reduction"):
+        DINOv2PerceptualLoss(encoder, layers=[1], layer_reduction="max")
+
+
+def test_layer_reduction_default_is_the_seeds_sum(encoder):
+    """The seed adds the layers with weight 1 each: sum = #layers x mean, and sum is the default."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.rand(2, 3, 28, 28, generator=g) * 2 - 1, torch.rand(2, 3, 28, 28, generator=g) * 2 - 1
+    default, _ = DINOv2PerceptualLoss(encoder, layers=[0, 1, 3])(a, b)
+    mean, _ = DINOv2PerceptualLoss(encoder, layers=[0, 1, 3], layer_reduction="mean")(a, b)
+    torch.testing.assert_close(default, 3 * mean)
 
 
 def test_target_cache_equals_direct_features(encoder):
@@ -140,7 +152,7 @@ def test_perceptual_term_timestep_threshold_skips_decode(encoder):
     vae = CountingVAE()
     sched = _scheduler("epsilon")
     loss = DINOv2PerceptualLoss(encoder, layers=[1], loss_type="l2")
-    term = PerceptualTerm(loss, vae, sched.alphas_cumprod, "epsilon", max_timestep=100)
+    term = PerceptualTerm(loss, vae, sched.alphas_cumprod, "epsilon", max_timestep=100, impl="fast")
     pred = torch.randn(2, 4, 4, 4, requires_grad=True)
     noisy = torch.randn(2, 4, 4, 4)
     target = torch.rand(2, 3, 28, 28) * 2 - 1
@@ -178,7 +190,7 @@ def test_perceptual_term_with_latent_head(encoder):
         k: torch.nn.functional.normalize(v, dim=-1)
         for k, v in head(lat, layers=[0, 2], return_patch_tokens=False).intermediate.items()
     }
-    ref = sum((f[k] - g[k]).abs().flatten(1).mean(1) for k in (0, 2)) / 2
+    ref = sum((f[k] - g[k]).abs().flatten(1).mean(1) for k in (0, 2))  # layers summed (the default)
     torch.testing.assert_close(value, ref.mean())
     value.backward()
     assert pred.grad.abs().sum() > 0

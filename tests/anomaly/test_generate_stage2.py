@@ -83,7 +83,7 @@ def test_stage1_with_lora_and_missing_weights(tiny_assets, tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict
 
     from eval.generate import main
-    from utils.weights import MissingWeightsError
+    from utils.cli import UserError
 
     unet = UNet2DConditionModel.from_pretrained(tiny_assets["sd15"], subfolder="unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -111,7 +111,7 @@ def test_stage1_with_lora_and_missing_weights(tiny_assets, tmp_path):
     stamp = (out / "0000.png").stat().st_mtime_ns
     main(common)  # nothing left to do: the pipeline is not even loaded
     assert (out / "0000.png").stat().st_mtime_ns == stamp
-    with pytest.raises(MissingWeightsError, match="stage-1 LoRA"):
+    with pytest.raises(UserError, match="stage-1 LoRA"):
         main([*common[:3], "--lora_dir", str(tmp_path / "missing"), *common[5:-1], "3"])
 
 

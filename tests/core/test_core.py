@@ -100,3 +100,29 @@ def test_step_generator_depends_on_seed_step_and_rank_only():
     draw = lambda *a: torch.rand(3, generator=step_generator(*a)).tolist()  # noqa: E731
     assert draw(0, 5, 0) == draw(0, 5, 0)
     assert len({tuple(draw(*a)) for a in [(0, 5, 0), (1, 5, 0), (0, 6, 0), (0, 5, 1)]}) == 4
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    """A used output_dir (issue 17: no silent restart) and a missing data folder: exit code 2, one message."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)
+    base = [sys.executable, str(repo / "train/stage1-full/train.py"), "--mvtec_name", "hazelnut",
+            "--pretrained_model_name_or_path", str(tmp_path / "no_sd"), "--max_train_steps", "2"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRACEBACK", None)
+    for extra, expected in (
+        (["--instance_data_dir", str(tmp_path), "--output_dir", str(out)], "--resume_from_checkpoint latest"),
+        (
+            ["--instance_data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "new")],
+            "missing",
+        ),
+    ):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

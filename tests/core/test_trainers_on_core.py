@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.core.trainers import REPO, TRAINERS
+from tests.core.trainers import HEAVY, REPO, TRAINERS
 
 NAMES = sorted(TRAINERS)
+LIGHT = sorted(set(TRAINERS) - HEAVY)
 STEPS = 3
 
 
@@ -43,7 +44,7 @@ def weights(out: Path, name: str, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"checkpoint-{step}" / TRAINERS[name].weights_file))
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=LIGHT)
 def first_run(request, tiny_assets, tmp_path_factory):
     """One fresh run per trainer, shared by the tests below."""
     out = tmp_path_factory.mktemp(request.param) / "a"

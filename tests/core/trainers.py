@@ -112,6 +112,39 @@ def _sd15(tiny, out, steps, resume, extra) -> list[str]:
     ]  # fmt: skip
 
 
+def _downstream(tiny, out, steps, resume, extra, *, job: str) -> list[str]:
+    argv = [
+        "--class_name", "hazelnut",
+        "--mvtec_root", str(tiny["mvtec"]),
+        "--output_dir", str(out),
+        "--train_batch_size", "2",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "1",
+        "--max_consecutive_nonfinite", "2",
+        "--log_every", "1",
+        "--report_to", "none",
+        "--mixed_precision", "no",
+        "--seed", "3",
+        "--skip_eval",
+    ]  # fmt: skip
+    if job == "localization":  # the Perlin baseline needs no generated data
+        argv += ["--source", "perlin", "--resolution", "64", "--base_width", "4"]
+    else:
+        from preprocessing.standin_generated import write_standin_pairs
+
+        gen = Path(out).parent / f"{Path(out).name}_generate_data"
+        write_standin_pairs(gen, "hazelnut", num_images=2, size=64)
+        argv += ["--generated_root", str(gen), "--resolution", "32", "--resnet_weights", "none"]
+        # a ResNet-34 checkpoint is ~255 MB: save only the last step (its own tests cover resume)
+        argv += ["--checkpointing_steps", "0"]
+    return argv + (["--resume_from_checkpoint", resume] if resume else []) + list(extra)
+
+
+# Trainers too heavy for every core test on CPU: only the 2-process test runs them here (their own test files
+# check fresh-run reproducibility and exact resume).
+HEAVY = {"downstream_classification"}
+
 TRAINERS = {
     t.name: t
     for t in (
@@ -132,5 +165,17 @@ TRAINERS = {
             "latent_head", "train/latent_dino_head/train.py", "latent_dino_head.safetensors", _latent_head
         ),
         Trainer("sd15", "train_sd15.py", "trainable_state.safetensors", _sd15),
+        Trainer(
+            "downstream_localization",
+            "eval/downstream/localization.py",
+            "model.safetensors",
+            lambda *a: _downstream(*a, job="localization"),
+        ),
+        Trainer(
+            "downstream_classification",
+            "eval/downstream/classification.py",
+            "model.safetensors",
+            lambda *a: _downstream(*a, job="classification"),
+        ),
     )  # fmt: skip
 }

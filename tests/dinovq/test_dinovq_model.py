@@ -141,6 +141,26 @@ def test_hinge_and_vanilla_by_hand():
     assert float(vanilla_d_loss(r, f)) == pytest.approx(van)
 
 
+@pytest.mark.parametrize("disc_loss", ["hinge", "vanilla"])
+@pytest.mark.parametrize("gen_loss", [None, "taming", "non_saturating"])
+def test_generator_loss_forms_against_taming(disc_loss, gen_loss):
+    from losses.patchgan import generator_adv_loss
+
+    model = tiny_model(use_gan=True, disc_start=0, disc_loss=disc_loss, gen_loss=gen_loss)
+    imgs, _ = batch()
+    logits = model.loss_fn.discriminator(imgs).float()
+    ours = float(model.loss_fn.generator_loss(imgs))
+    taming = float(-torch.mean(logits))  # taming VQLPIPSWithDiscriminator: g_loss = -torch.mean(logits_fake)
+    non_saturating = float(torch.log1p(torch.exp(-logits)).mean())  # log(1 + e^-x), by hand
+    form = gen_loss or ("taming" if disc_loss == "hinge" else "non_saturating")
+    assert ours == pytest.approx(taming if form == "taming" else non_saturating, rel=1e-5)
+    assert taming != pytest.approx(non_saturating, rel=1e-3)  # the two forms differ on these logits
+    r = torch.tensor([0.5, -2.0, 3.0])
+    assert float(generator_adv_loss(r, disc_loss, "taming")) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="generator loss"):
+        tiny_model(use_gan=True, gen_loss="wgan")
+
+
 def test_gradient_isolation():
     model = tiny_model(use_gan=True, disc_start=0)
     imgs, gt = batch()

@@ -60,3 +60,40 @@ def test_frechet_distance_identical_and_shifted():
     a = rng.normal(size=(200, 4))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(a, a + 2.0) == pytest.approx(4 * 4.0, rel=1e-6)
+
+
+def test_rfid_equals_clean_fid_on_the_same_images(tmp_path, random_inception_torchscript, fast_sqrtm):
+    """rFID (in-memory reconstructions through clean-fid's resizer and extractor, as train/dinovq/train.py
+    builds it) equals clean-fid's compute_fid on the same images saved as PNG."""
+    from cleanfid.fid import compute_fid
+    from PIL import Image
+
+    from eval.inception import load_inception
+    from train.dinovq.evaluate import evaluate_reconstruction
+
+    class Darken(torch.nn.Module):  # a "tokenizer" whose reconstruction is the image at 3/4 brightness
+        def reconstruct(self, imgs):
+            x255 = ((imgs + 1) * 127.5).round()
+            return (x255 * 3 // 4) / 127.5 - 1, torch.zeros(imgs.shape[0], 4, dtype=torch.long)
+
+    g = torch.Generator().manual_seed(0)
+    x255 = torch.randint(0, 256, (4, 3, 32, 32), generator=g).float()
+    imgs = x255 / 127.5 - 1
+    net = load_inception(random_inception_torchscript)
+    inception = lambda x01: net(x01 * 255.0, outputs=("pool",))["pool"]  # noqa: E731  (train.py's)
+    metrics, _ = evaluate_reconstruction(Darken(), [{"image": imgs}], 16, inception=inception)
+    for name, batch in (("real", x255), ("rec", x255 * 3 // 4)):
+        (tmp_path / name).mkdir()
+        for i, img in enumerate(batch):
+            Image.fromarray(img.permute(1, 2, 0).byte().numpy()).save(tmp_path / name / f"{i}.png")
+    ref = compute_fid(
+        str(tmp_path / "real"),
+        str(tmp_path / "rec"),
+        mode="clean",
+        custom_feat_extractor=net.pool,  # clean-fid's InceptionV3W on the test file (see test_fid_cleanfid.py)
+        device=torch.device("cpu"),
+        num_workers=0,
+        verbose=False,
+    )
+    assert metrics["rfid"] == pytest.approx(ref, rel=1e-4) and ref > 0
+    assert np.isfinite(metrics["psnr"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,28 +26,37 @@ def small_cnn() -> nn.Module:
     )
 
 
-def reference_loss(model, cfg, pred, target):
-    """The straightforward design: store every hooked output of both passes, then compare."""
+def reference_weights(count: int, start: float, end: float, force: float) -> list[float]:
+    """The reference's weight curves (BurguerJohn's GlobalPercLoss.__init__), written out from its maths:
+    np.linspace(start, end, count) for force 0, else start + (end - start) * e(linspace(0, 1, count)) with
+    e(t) = t**force (start <= end, ease-in) or 1 - (1 - t)**force (ease-out)."""
+    if force == 0:
+        return [float(v) for v in np.linspace(start, end, count)]
+    t = torch.linspace(0, 1, count, dtype=torch.float64)
+    eased = t**force if start <= end else 1 - (1 - t) ** force
+    return [float(v) for v in start + (end - start) * eased]
+
+
+def reference_loss(model, cfg, pred, target, reduction="sum"):
+    """The reference's forward: store every hooked output of both passes in firing order, then
+    sum_i weights[i] * loss_func(pred_i, target_i) with the curve over the number of hooked modules.
+    (``reduction="mean"`` divides by the number of terms: this repository's default.)"""
     store: list[torch.Tensor] = []
     types = tuple(cfg.modules_to_hook)
     mods = [m for m in model.modules() if (isinstance(m, types) if types else not list(m.children()))]
     handles = [m.register_forward_hook(lambda m, i, o: store.append(o)) for m in mods]
-    order = {id(m): k for k, m in enumerate(mods)}
-    idx: list[int] = []
-    handles += [m.register_forward_hook(lambda m, i, o: idx.append(order[id(m)])) for m in mods]
     with torch.no_grad():
         model(target)
-    tgt, tgt_idx = list(store), list(idx)
+    tgt = list(store)
     store.clear()
-    idx.clear()
     model(pred)
     for h in handles:
         h.remove()
-    w = weight_curve(len(mods), cfg.start_weight, cfg.end_weight, cfg.curve_force)
+    assert len(store) == len(tgt) <= len(mods)
+    w = reference_weights(len(mods), cfg.start_weight, cfg.end_weight, cfg.curve_force)
     f = cfg.loss_func or NormalizedTensorLoss("l2")
-    terms = [w[k] * f(p, t) for p, t, k in zip(store, tgt, tgt_idx)]
-    assert idx == tgt_idx
-    return torch.stack(terms).sum() / len(terms)
+    total = sum(w[i] * f(p, t) for i, (p, t) in enumerate(zip(store, tgt)))
+    return total / len(store) if reduction == "mean" else total
 
 
 def test_weight_curve_formulas():
@@ -101,10 +112,11 @@ def test_normalized_tensor_loss_by_hand():
         NormalizedTensorLoss("l2")(t1, t2[:, :3])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", ["l1", "l2", "cosine"])
-def test_global_perc_matches_reference_cnn(kind):
+def test_global_perc_matches_reference_cnn(kind, reduction):
     model = small_cnn()
-    cfg = GlobalPercConfig(curve_force=3, loss_func=NormalizedTensorLoss(kind))
+    cfg = GlobalPercConfig(curve_force=3, loss_func=NormalizedTensorLoss(kind), reduction=reduction)
     torch.manual_seed(1)
     target = torch.rand(2, 3, 16, 16)
     pred1 = torch.rand(2, 3, 16, 16, requires_grad=True)
@@ -112,7 +124,7 @@ def test_global_perc_matches_reference_cnn(kind):
     with GlobalPercLoss(model, cfg) as loss_fn:
         ours = loss_fn(pred1, target)
         ours.backward()
-    ref = reference_loss(model, cfg, pred2, target)
+    ref = reference_loss(model, cfg, pred2, target, reduction=reduction)
     ref.backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(pred1.grad, pred2.grad, rtol=1e-4, atol=1e-7)
@@ -178,8 +190,155 @@ def test_global_perc_with_dinov2_adapter():
         ours = loss_fn(pred1, target)
         ours.backward()
         assert loss_fn.num_hooks > 8
-    ref = reference_loss(enc, cfg, pred2, target)
+    ref = reference_loss(enc, cfg, pred2, target, reduction="mean")
     ref.backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(pred1.grad, pred2.grad, rtol=1e-4, atol=1e-8)
     assert ours.item() > 0
+
+
+# -- in-place layers: the stored target must be a copy ---------------------------------------------------------
+
+
+def inplace_cnn(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(8, 4, 3, stride=2, padding=1),
+    )
+
+
+def _twin_without_inplace(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return twin
+
+
+@pytest.mark.parametrize("net", ["cnn", "vgg16"])
+def test_inplace_relu_does_not_corrupt_the_target(net):
+    if net == "vgg16":
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.vgg16(weights=None).features  # the usual loss network, random weights
+        size = 32
+    else:
+        model = inplace_cnn(inplace=True)
+        size = 16
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    twin = _twin_without_inplace(model)
+    cfg = GlobalPercConfig(modules_to_hook=[nn.Conv2d, nn.ReLU])
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, size, size, generator=g)
+    target = torch.rand(2, 3, size, size, generator=g)
+    with GlobalPercLoss(model, cfg) as loss_fn:
+        assert float(loss_fn(x, x.clone())) == 0.0  # > 0 when the target shares memory
+        p1 = x.clone().requires_grad_(True)
+        ours = loss_fn(p1, target)
+        ours.backward()
+    with GlobalPercLoss(twin, cfg) as twin_fn:
+        p2 = x.clone().requires_grad_(True)
+        ref = twin_fn(p2, target)
+        ref.backward()
+    assert ours.item() > 0
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-9)
+    # and the non-in-place twin equals the reference formula (which stores the raw outputs)
+    p3 = x.clone().requires_grad_(True)
+    assert ref.item() == pytest.approx(
+        reference_loss(twin, cfg, p3, target, reduction="mean").item(), rel=1e-5
+    )
+
+
+# -- weight order: firing order (reference) vs definition order --------------------------------------------------
+
+
+class DefinedOutOfOrder(nn.Module):
+    """Like transformers' Dinov2MLP: the activation is defined before fc1 but runs after it."""
+
+    def __init__(self, with_unused: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.act = nn.GELU()
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 5)
+        if with_unused:
+            self.unused = nn.Linear(3, 3)  # hooked type, never called
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _by_hand(model, x, target, weights, f):
+    """sum_k w_k f(a_k(x), a_k(target)) over fc1, act, fc2 with the given weight per module name."""
+
+    def acts(v):
+        a1 = model.fc1(v)
+        a2 = model.act(a1)
+        return {"fc1": a1, "act": a2, "fc2": model.fc2(a2)}
+
+    ax, at = acts(x), acts(target)
+    return sum(weights[k] * f(ax[k], at[k]) for k in ("fc1", "act", "fc2"))
+
+
+@pytest.mark.parametrize("with_unused", [False, True])
+@pytest.mark.parametrize("order", ["firing", "module"])
+def test_weight_order_firing_vs_module(order, with_unused):
+    model = DefinedOutOfOrder(with_unused)
+    f = NormalizedTensorLoss("l2")
+    cfg = GlobalPercConfig(
+        start_weight=1.0, end_weight=2.0, curve_force=1, weight_order=order, reduction="sum", loss_func=f
+    )
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    with GlobalPercLoss(model, cfg) as loss_fn:
+        assert loss_fn.slot_names is None
+        value = loss_fn(x, target)
+        # three modules fired -> three slots [1.0, 1.5, 2.0]; the unused Linear gets none
+        expected = (
+            {"fc1": 1.0, "act": 1.5, "fc2": 2.0}
+            if order == "firing"
+            else {"act": 1.0, "fc1": 1.5, "fc2": 2.0}
+        )
+        assert loss_fn.slot_names == sorted(expected, key=expected.get)
+        assert {k: loss_fn.module_weight(k) for k in expected} == expected
+        if with_unused:
+            assert loss_fn.num_hooks == 4 and loss_fn.module_weight("unused") is None
+        with torch.no_grad():
+            by_hand = _by_hand(model, x, target, expected, f)
+        assert value.item() == pytest.approx(by_hand.item(), rel=1e-6)
+        assert loss_fn(x, target).item() == pytest.approx(value.item(), rel=1e-7)  # slots stay fixed
+    if not with_unused:
+        ref = reference_loss(model, cfg, x, target, reduction="sum")  # reference: firing order
+        assert (value.item() == pytest.approx(ref.item(), rel=1e-6)) == (order == "firing")
+
+
+def test_module_firing_only_later_is_an_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.use_b = False
+
+        def forward(self, x):
+            return self.b(self.a(x)) if self.use_b else self.a(x)
+
+    model = Branchy()
+    with GlobalPercLoss(model, GlobalPercConfig()) as loss_fn:
+        x = torch.randn(2, 4)
+        loss_fn(x, x + 1)
+        model.use_b = True
+        with pytest.raises(RuntimeError, match="first call"):
+            loss_fn(x, x + 1)
+
+
+def test_config_rejects_unknown_options():
+    with pytest.raises(ValueError, match="weight_order"):
+        GlobalPercConfig(weight_order="definition")
+    with pytest.raises(ValueError, match="reduction"):
+        GlobalPercConfig(reduction="avg")

@@ -14,7 +14,7 @@ from preprocessing import make_tiny_assets as mta
 from preprocessing.synthetic_mvtec import render_sample
 from utils.images import load_rgb
 
-# Written out from runwayml/stable-diffusion-v1-5 unet/config.json (not imported from the generator).
+# Written out from stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json (not imported from the generator).
 SD15_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 SD15_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eval.alignment import svcca_score
-from eval.fid import StatsAccumulator, frechet_distance
+from eval.fid import feature_stats, frechet_distance
 
 
 def test_frechet_distance_two_gaussians_closed_form():
@@ -25,14 +25,13 @@ def test_frechet_distance_two_gaussians_closed_form():
     assert rotated == pytest.approx(expected, rel=1e-5)
 
 
-def test_streaming_stats_match_numpy():
-    x = np.random.default_rng(1).normal(size=(37, 6))
-    acc = StatsAccumulator()
-    for chunk in np.array_split(x, 4):
-        acc.update(torch.from_numpy(chunk))
-    mu, sigma = acc.stats()
-    np.testing.assert_allclose(mu, x.mean(0), atol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), atol=1e-10)
+def test_feature_stats_are_clean_fids():
+    x = np.random.default_rng(1).normal(size=(37, 6)).astype(np.float32)
+    mu, sigma = feature_stats(x)
+    np.testing.assert_array_equal(mu, np.mean(x, axis=0))  # clean-fid: np.mean / np.cov(rowvar=False)
+    np.testing.assert_array_equal(sigma, np.cov(x, rowvar=False))
+    with pytest.raises(ValueError, match="at least 2"):
+        feature_stats(x[:1])
 
 
 def test_svcca_detects_shared_signal():
@@ -46,12 +45,12 @@ def test_svcca_detects_shared_signal():
 
 def test_missing_inception_is_a_clear_error(tmp_path):
     from eval.evaluate_sd15 import main
-    from utils.weights import MissingWeightsError
+    from utils.cli import UserError
 
     ckpt = tmp_path / "run" / "checkpoint-1"
     ckpt.mkdir(parents=True)
     missing = tmp_path / "nope" / "inception-2015-12-05.pt"
-    with pytest.raises(MissingWeightsError, match="nope"):
+    with pytest.raises(UserError, match="nope"):  # checked with the other inputs, before any model loads
         main(
             [
                 "--checkpoints",
@@ -66,31 +65,12 @@ def test_missing_inception_is_a_clear_error(tmp_path):
         )
 
 
-class _TinyInception(torch.nn.Module):
-    """Same interface as eval.inception's nets (uint8-range images -> pool / spatial features), 1000x cheaper."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-
-    def forward(self, images, outputs=("pool",)):
-        h = torch.tanh(self.conv(images / 127.5 - 1))
-        return {
-            "pool": h.mean((2, 3)),
-            "spatial": torch.nn.functional.adaptive_avg_pool2d(h[:, :3], 2).flatten(1),
-        }
-
-
-def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, tiny_assets, monkeypatch):
-    """Train 1 step on synthetic data, then sample + FID/sFID (stand-in Inception) + plot + grids."""
+def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, tiny_assets, fast_sqrtm):
+    """Train 1 step on synthetic data, then sample + FID/sFID (random clean-fid Inception) + plot + grids."""
     from accelerate.state import AcceleratorState, GradientState
 
-    import eval.evaluate_sd15 as evaluate
     import train_sd15
     from eval.evaluate_sd15 import main
-
-    monkeypatch.setattr(evaluate, "load_inception_for", lambda args: (_TinyInception(), "tiny"))
     from tests.urepa.fake_data import make_dataset
 
     AcceleratorState._reset_state(True)
@@ -130,6 +110,8 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, tiny_assets, monkeypatch)
             "6",
             "--stats_cache",
             str(tmp_path / "stats"),
+            "--inception_path",
+            "random",
             "--grid_classes",
             "0",
             "1",
@@ -139,6 +121,6 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, tiny_assets, monkeypatch)
     assert (
         res["step"] == 1 and np.isfinite(res["fid"]) and np.isfinite(res["sfid"]) and res["weights"] == "ema"
     )
-    assert summary["results"][0]["fid"] == res["fid"]
+    assert summary["results"][0]["fid"] == res["fid"] and res["fid_mode"] == "clean"
     assert (out / "fid_vs_step.png").is_file() and (out / "comparison_grid.png").is_file()
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 1

@@ -351,3 +351,57 @@ def test_clip_embeddings_shape_and_null_prompt_last(tiny_assets, tmp_path):
         want = te(ids).last_hidden_state
     torch.testing.assert_close(emb[-1].float(), want[0], atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(emb[0].float(), want[1], atol=2e-3, rtol=2e-3)
+
+
+def test_decompression_bomb_and_16bit_png_in_a_cache_job(tiny_assets, tmp_path):
+    """A header claiming 20000x20000 is skipped, counted and listed (the job and its rerun finish; what was
+    written stays); a 16-bit PNG is cached from its scaled pixels, not as a white image."""
+    import numpy as np
+
+    from tests.bad_inputs import write_bomb_png, write_png
+
+    good = _rows(tiny_assets)[:2]
+    ramp = (np.arange(DINO_RES * DINO_RES * 3, dtype=np.uint32) * 37 % 65536).astype(np.uint16)
+    png16 = write_png(tmp_path / "deep.png", ramp.reshape(DINO_RES, DINO_RES, 3)[..., 0])
+    rows = [
+        *good,
+        {"id": "bomb", "img_path": str(write_bomb_png(tmp_path / "bomb.png")), "class_id": 0, "synset": "n0"},
+        {"id": "deep", "img_path": str(png16), "class_id": 0, "synset": "n0"},
+    ]
+    csv_path = _write_csv(rows, tmp_path / "bad.csv")
+    argv = [
+        "--csv",
+        str(csv_path),
+        "--output_dir",
+        str(tmp_path / "dino"),
+        *_dino_flags(tiny_assets),
+        *COMMON,
+    ]
+    first = build_dino_cache.main(argv)
+    assert first[0].written == 3 and first[0].corrupt == 1
+    meta = read_metadata(tmp_path / "dino")
+    assert meta["count"] == 3 and list(meta["corrupt"]) == ["bomb"]
+    assert (
+        "bomb.png: too many pixels" in meta["corrupt"]["bomb"]
+        and "--max_image_pixels" in meta["corrupt"]["bomb"]
+    )
+    before = {k: LMDBCacheReader(tmp_path / "dino").get(k) for k in ("deep", good[0]["id"])}
+    again = build_dino_cache.main(argv)  # the rerun retries the bomb, keeps everything else
+    assert again[0].written == 0 and again[0].already_cached == 3 and again[0].corrupt == 1
+    reader = LMDBCacheReader(tmp_path / "dino")
+    assert all(torch.equal(reader.get(k), v) for k, v in before.items())
+    # the 16-bit image was encoded from v >> 8 (a white image would give other tokens)
+    from models.dinov2_encoder import DINOv2Encoder
+    from preprocessing.cache_jobs import dino_transform
+
+    enc = DINOv2Encoder.from_pretrained(
+        str(tiny_assets["dinov2_official"]), variant="tiny14", resolution=DINO_RES, input_range="0_1"
+    ).eval()
+    image = Image.fromarray((ramp.reshape(DINO_RES, DINO_RES, 3)[..., 0] >> 8).astype("uint8")).convert("RGB")
+    with torch.no_grad():
+        want = F.normalize(enc(dino_transform(DINO_RES)(image)[None]).patch_tokens.float(), dim=-1)[0]
+    torch.testing.assert_close(reader.get("deep").float(), want, atol=2e-3, rtol=0)
+    # a limit below every image: all are listed as unreadable, nothing is lost from the cache
+    small = build_dino_cache.main([*argv, "--max_image_pixels", "10"])
+    assert small[0].written == 0 and small[0].already_cached == 3
+    assert read_metadata(tmp_path / "dino")["count"] == 3

@@ -95,7 +95,9 @@ def test_relative_paths_and_default_output_name(tmp_path, monkeypatch):
 def test_no_usable_class_is_an_error(tmp_path):
     root = _fake_imagenet(tmp_path / "in", {"n001": 2})
     classes = _class_json(tmp_path / "classes.json", ["n001"])
-    with pytest.raises(SystemExit, match="no class"):
+    from utils.cli import UserError
+
+    with pytest.raises(UserError, match="no class"):
         sis.main(
             [
                 "--imagenet_root",

@@ -9,11 +9,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from datasets.mvtec import FG_BACKGROUNDS, FLIP_MODES, RESIZE_MODES, SPLIT_RULES
-from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LOSS_TYPES
+from datasets.mvtec import FG_BACKGROUNDS, FLIP_MODES, MASK_SIZE_MISMATCH, RESIZE_MODES, SPLIT_RULES
+from losses.dinov2_perceptual import DEFAULT_FEATURE_LAYERS, LAYER_REDUCTIONS, LOSS_TYPES
 from models.dual_lora import DUAL_MODES, INTERACTION_INITS, INTERACTION_PRESETS
 from models.schedulers import SCHEDULERS
+from train.anomaly.perceptual import (
+    DEFAULT_CROP_SIZE,
+    DEFAULT_LOSS_IMPL,
+    DEFAULT_SAMPLE_FRACTION,
+    DINOV2_LOSS_IMPLS,
+    default_dino_resolution,
+)
 from train.core.config import add_core_args
+from utils.images import DEFAULT_MAX_PIXELS
 
 DINOV2_CHOICES = (
     "vits14",
@@ -58,6 +66,13 @@ def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
         "bicubic_center_crop: torch bicubic (antialiased) + centre crop, this repository's earlier resize.",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    g.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="An image (or mask) whose header claims more pixels is an error naming the file "
+        f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit).",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
@@ -130,8 +145,9 @@ def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
     g.add_argument(
         "--dinov2_resolution",
         type=int,
-        default=224,
-        help="DINO input side (multiple of 14). 224 -> 256 tokens; 518 is the pretraining size.",
+        default=None,
+        help="DINO input side (multiple of 14). Default: 224 for --dinov2_loss_impl fast (256 tokens), 518 "
+        "for reference (the seed's, 1369 tokens), 224 x crop / image for crop (112 for 256 of 512 px).",
     )
     g.add_argument(
         "--dinov2_max_timestep",
@@ -163,6 +179,36 @@ def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
         default=None,
         help="Checkpoint of a latent-space DINOv2 head (models/latent_dino_head.py): features straight "
         "from latents, no decode. Replaces the decoder + DINOv2 when given.",
+    )
+    g.add_argument(
+        "--dinov2_loss_impl",
+        choices=DINOV2_LOSS_IMPLS,
+        default=DEFAULT_LOSS_IMPL,
+        help="fast (default): the whole decoded x0 vs the whole training image (features cached), on a random "
+        "half of the samples unless --dinov2_sample_fraction 1; crop: a random --dinov2_crop_size tile of x0 vs "
+        "the same tile of the training image; reference: exactly the seed trainer's term (decode x0 and the "
+        "target latent, clamped to +-10, bilinear to 518 px, every sample).",
+    )
+    g.add_argument(
+        "--dinov2_crop_size",
+        type=int,
+        default=DEFAULT_CROP_SIZE,
+        help="Crop side in image px for --dinov2_loss_impl crop (multiple of 8; 256 = a quarter of a 512 px "
+        "image). A crop as large as the image is the full image (= fast).",
+    )
+    g.add_argument(
+        "--dinov2_sample_fraction",
+        type=float,
+        default=None,
+        help="p in (0, 1]: each sample enters the DINOv2 term with probability p and is weighted 1/p (same "
+        "expected loss and gradient, p times the cost on average). Default: 0.5 for fast, 1 for crop and "
+        "reference (every sample, like the seed).",
+    )
+    g.add_argument(
+        "--dinov2_layer_reduction",
+        choices=LAYER_REDUCTIONS,
+        default="sum",
+        help="How the per-layer distances combine: sum (the seed's) or mean (sum / #layers).",
     )
 
 
@@ -258,6 +304,13 @@ def stage2_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dinov2_on_fg", action="store_true", help="Apply the DINOv2 loss to the fg branch too."
     )
+    parser.add_argument(
+        "--mask_size_mismatch",
+        choices=MASK_SIZE_MISMATCH,
+        default="error",
+        help="A ground-truth mask whose size differs from its image: error (naming both files), or resize "
+        "it onto the image's size first so that both get the same resize and crop.",
+    )
     return parser
 
 
@@ -283,7 +336,12 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.learning_rate > 0, "--learning_rate must be > 0")
     need(args.rank >= 1, "--rank must be >= 1")
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
+    need(args.max_image_pixels >= 1, "--max_image_pixels must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
+    if args.dinov2_resolution is None:
+        args.dinov2_resolution = default_dino_resolution(
+            args.dinov2_loss_impl, args.dinov2_crop_size, args.resolution
+        )
     need(
         args.validation_guidance_scale >= 1.0,
         "--validation_guidance_scale must be >= 1 (1 disables guidance)",
@@ -291,6 +349,25 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(
         args.dinov2_resolution % 14 == 0 and args.dinov2_resolution > 0,
         f"--dinov2_resolution {args.dinov2_resolution} must be a positive multiple of 14 (DINOv2 patch size)",
+    )
+    if args.dinov2_sample_fraction is None:
+        args.dinov2_sample_fraction = DEFAULT_SAMPLE_FRACTION[args.dinov2_loss_impl]
+    need(
+        0.0 < args.dinov2_sample_fraction <= 1.0,
+        f"--dinov2_sample_fraction {args.dinov2_sample_fraction} must be in (0, 1]",
+    )
+    need(
+        args.dinov2_loss_impl != "reference" or args.dinov2_sample_fraction == 1.0,
+        "--dinov2_loss_impl reference uses every sample like the seed: --dinov2_sample_fraction must be 1",
+    )
+    need(
+        args.dinov2_crop_size > 0 and args.dinov2_crop_size % 8 == 0,
+        f"--dinov2_crop_size {args.dinov2_crop_size} must be a positive multiple of 8 (the VAE factor)",
+    )
+    need(
+        args.dinov2_loss_impl != "reference" or not (args.dinov2_tiny_vae or args.dinov2_latent_head),
+        "--dinov2_loss_impl reference is the seed's term through the SD VAE: drop --dinov2_tiny_vae / "
+        "--dinov2_latent_head, or use --dinov2_loss_impl crop|fast",
     )
     if args.dinov2_max_timestep is not None:
         need(args.dinov2_max_timestep > 0, "--dinov2_max_timestep must be > 0")

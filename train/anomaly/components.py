@@ -13,15 +13,10 @@ import torch
 from torch import nn
 
 from models.dual_lora import LORA_TARGETS, add_text_encoder_lora, load_text_encoder_lora, normalize_lora_keys
-from utils.weights import MissingWeightsError, resolve_hf_path
+from utils.weights import MissingWeightsError, resolve_hf_path, sd15_how_to_get
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-SD15_HOW_TO_GET = (
-    "Download Stable Diffusion 1.5 in diffusers layout (e.g. `huggingface-cli download "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir models/stable-diffusion-v1-5` on a machine with "
-    "network), or run the demo on the tiny model: `python preprocessing/make_tiny_assets.py --out .cache/tiny` "
-    "and pass --pretrained_model_name_or_path .cache/tiny/sd15."
-)
+SD15_HOW_TO_GET = sd15_how_to_get()
 
 
 @dataclass

@@ -12,13 +12,7 @@ from train.core import perf
 from train.core.checkpoint import LOSS_LOG_NAME
 from train.core.config import CoreConfig
 from utils.checkpoint import list_checkpoints
-
-try:  # utils/cli.py defines the user-error type (exit code 2, no traceback)
-    from utils.cli import UserError
-except ImportError:  # pragma: no cover - until utils/cli.py lands
-
-    class UserError(ValueError):  # type: ignore[no-redef]
-        pass
+from utils.cli import UserError
 
 
 def check_precision(mixed_precision: str, cuda: bool) -> None:

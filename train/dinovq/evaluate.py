@@ -7,7 +7,9 @@
   data_range=1)`` up to its border crop.
 * LPIPS-VGG (when its weights are available), codebook usage (distinct codes / codebook size) and perplexity
   (``exp(entropy)`` of the code histogram over the whole set), rFID (FID between the held-out images and their
-  reconstructions, Inception pool features) when the Inception weights are available.
+  reconstructions) when the Inception weights are available: clean-fid's features of the images in [0, 255]
+  (``eval.inception.CleanFIDInception``: clean-fid's per-image resizer and feature extractor, as clean-fid's
+  ``get_model_features`` treats generator outputs) and clean-fid's ``fid_from_feats``.
 """
 
 from __future__ import annotations
@@ -72,17 +74,11 @@ def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """FID between two feature sets (rows = samples)."""
-    from scipy import linalg
+    """FID between two feature sets (rows = samples): clean-fid's ``fid_from_feats`` (np.mean / np.cov, its
+    ``frechet_distance``)."""
+    from cleanfid.fid import fid_from_feats
 
-    mu1, mu2 = feats_a.mean(0), feats_b.mean(0)
-    s1, s2 = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(fid_from_feats(np.asarray(feats_a), np.asarray(feats_b)))
 
 
 @torch.no_grad()

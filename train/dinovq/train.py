@@ -42,6 +42,7 @@ from train.core import (  # noqa: E402
     run_training,
 )
 from train.core.config import perf_settings  # noqa: E402
+from train.dinovq.config_schema import DinoVQConfig  # noqa: E402
 from train.dinovq.data import (  # noqa: E402
     EpochShuffleSampler,
     ImageDataset,
@@ -50,6 +51,7 @@ from train.dinovq.data import (  # noqa: E402
     split_holdout,
 )
 from train.dinovq.evaluate import evaluate_reconstruction  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.config import add_config_args, load_config, save_config  # noqa: E402
 from utils.images import save_image_grid  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
@@ -125,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, schema=DinoVQConfig)
     for key, section, value in (
         ("output_dir", "train", args.output_dir),
         ("resume_from_checkpoint", "train", args.resume_from_checkpoint),
@@ -170,8 +172,6 @@ class DinoTargets:
             self.cache = LMDBCacheReader(dino_cfg["cache"])
             meta = self.cache.metadata
             self.dim = int(meta.get("D") or self.cache.shape[-1])
-            if meta.get("normalized"):
-                logger.warning("DINO cache holds normalized tokens; the cosine DINO loss is unaffected")
         else:
             from models.dinov2_encoder import DINOv2Encoder
 
@@ -440,4 +440,4 @@ def run_eval(raw, val_dl, lpips_fn, inception, device, ecfg, output_dir, step) -
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

@@ -46,6 +46,7 @@ from train.core import (  # noqa: E402
     to_channels_last,
 )
 from train.dinovq.data import EpochShuffleSampler, ImageDataset, find_images  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 from utils.weights import resolve_hf_path  # noqa: E402
 
@@ -212,4 +213,4 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

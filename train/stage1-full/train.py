@@ -40,6 +40,7 @@ from train.core import (  # noqa: E402
     to_channels_last,
     weight_dtype_of,
 )
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("stage1-full")
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     dataset = MVTecGoodDataset(
-        args.instance_data_dir, args.mvtec_name, args.resolution, flip=args.flip, resize_mode=args.resize_mode
+        args.instance_data_dir,
+        args.mvtec_name,
+        args.resolution,
+        flip=args.flip,
+        resize_mode=args.resize_mode,
+        max_pixels=args.max_image_pixels,
     )
     logger.info("%d train/good images of %s", len(dataset), args.mvtec_name)
     comps = load_sd_components(args.pretrained_model_name_or_path)
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch["index"].tolist(),
                 batch["flip"].tolist(),
                 target_latents=latents,
+                generator=gen,
             )
             loss = loss + args.dinov2_loss_weight * dino
             logs["loss_dinov2"] = dino.detach()
@@ -209,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

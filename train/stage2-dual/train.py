@@ -62,6 +62,7 @@ from train.core import (  # noqa: E402
     weight_dtype_of,
 )
 from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("stage2-dual")
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         flip=args.flip,
         resize_mode=args.resize_mode,
         fg_background=args.fg_background,
+        max_pixels=args.max_image_pixels,
+        mask_size_mismatch=args.mask_size_mismatch,
     )
     logger.info(
         "%s/%s: %d training pairs, %d held out (split rule %s); flips %s, resize %s, fg background %s",
@@ -342,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         logs = {"loss_mse": loss.detach(), "loss_mse_blend": mse_b.detach(), "loss_mse_fg": mse_f.detach()}
         idx, flips = batch["index"].tolist(), batch["flip"].tolist()
         if perceptual is not None:
-            d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b)
+            d_b, dl = perceptual(pred_b, noisy_b, t, pixels, idx, flips, target_latents=lat_b, generator=gen)
             dino = d_b
             logs["loss_dinov2_blend"] = d_b.detach()
             logs.update({f"{k}_blend" if k.startswith("dinov2_layer") else k: v for k, v in dl.items()})
             if perceptual_fg is not None:
-                d_f, _ = perceptual_fg(pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f)
+                d_f, _ = perceptual_fg(
+                    pred_f, noisy_f, t, fg_pixels, idx, flips, target_latents=lat_f, generator=gen
+                )
                 logs["loss_dinov2_fg"] = d_f.detach()
                 dino = 0.5 * (d_b + d_f)
             loss = loss + args.dinov2_loss_weight * dino
@@ -360,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.unwrap_model(text_encoder) if te_lora else None,
             args.output_dir,
             extra=extra,
+        )
+        from models.dual_lora import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
+
+        export_branch_loras(
+            accelerator.unwrap_model(dual_p),
+            accelerator.unwrap_model(text_encoder) if te_lora else None,
+            args.output_dir,
         )
         logger.info("final dual weights in %s", args.output_dir)
 
@@ -398,4 +410,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)  # user errors (paths, values): exit code 2 and a message, no traceback

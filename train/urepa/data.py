@@ -1,4 +1,12 @@
-"""Dataset wiring for U-REPA training: the cached SD15AlignedDataset, or a custom factory.
+"""Dataset wiring for U-REPA training: the cached SD15AlignedDataset, or a registered dataset factory.
+
+``data.factory`` names an entry of :data:`DATASET_FACTORIES` (the repo's own factories), never a module
+path: a YAML file cannot make the trainer import and call arbitrary code. A factory is called as
+``factory(layers=<aligned layer names>, **data.factory_kwargs)`` and returns a dataset with
+SD15AlignedDataset's item format. To add one, register it from Python before the trainer builds its data::
+
+    from train.urepa.data import register_dataset_factory
+    register_dataset_factory("my_data", make_my_dataset)
 
 CFG label dropout is applied in the training loop (not in the dataset) with a generator seeded from the
 step, so a resumed run drops exactly the same prompts as an uninterrupted one.
@@ -6,23 +14,47 @@ step, so a resumed run drops exactly the same prompts as an uninterrupted one.
 
 from __future__ import annotations
 
-import importlib
+import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from datasets.synthetic_aligned import make_synthetic_aligned_dataset
 
-def import_object(spec: str) -> Any:
-    """``"package.module:attr"`` -> the attribute."""
-    if ":" not in spec:
-        raise ValueError(f"expected 'module:attribute', got {spec!r}")
-    module_name, attr = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ImportError(f"cannot import {spec!r}: {err}") from err
+# name -> function(layers=..., **factory_kwargs) -> dataset
+DATASET_FACTORIES: dict[str, Callable[..., Any]] = {
+    "synthetic_aligned": make_synthetic_aligned_dataset,  # random latents/tokens/prompts: smoke runs, tests
+}
+
+
+def register_dataset_factory(name: str, factory: Callable[..., Any]) -> None:
+    """Make ``factory`` selectable as ``data.factory: <name>`` (an existing name is an error)."""
+    if not name or ":" in name:
+        raise ValueError(f"dataset factory names are plain words, got {name!r}")
+    if name in DATASET_FACTORIES and DATASET_FACTORIES[name] is not factory:
+        raise ValueError(f"dataset factory {name!r} is already registered ({DATASET_FACTORIES[name]})")
+    DATASET_FACTORIES[name] = factory
+
+
+def dataset_factory(name: str) -> Callable[..., Any]:
+    """The registered factory ``name``, or an error listing the registered ones."""
+    if name in DATASET_FACTORIES:
+        return DATASET_FACTORIES[name]
+    close = difflib.get_close_matches(name, list(DATASET_FACTORIES), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    old = (
+        " ('module:function' paths are no longer imported: register the function with "
+        "train.urepa.data.register_dataset_factory)"
+        if ":" in name
+        else ""
+    )
+    raise ValueError(
+        f"data.factory {name!r} is not a registered dataset factory{old}; {hint}registered: "
+        f"{sorted(DATASET_FACTORIES)} (or null for the LMDB caches)"
+    )
 
 
 def load_clip_embeddings(path: str | os.PathLike) -> torch.Tensor:
@@ -84,11 +116,11 @@ def grid_from_metadata(meta: dict[str, Any]) -> tuple[int, int]:
 def build_dataset(
     data_cfg: dict[str, Any], align_layers: tuple[str, ...], D: int | None, seed: int = 0
 ) -> Any:
-    """The training dataset. ``data.factory`` ("module:function", called with ``data.factory_kwargs``)
+    """The training dataset. ``data.factory`` (a registered name, called with ``data.factory_kwargs``)
     replaces the cached dataset, e.g. for synthetic test data; otherwise SD15AlignedDataset."""
     layers = tuple(align_layers) or ("mid",)
     if data_cfg.get("factory"):
-        return import_object(data_cfg["factory"])(layers=layers, **(data_cfg.get("factory_kwargs") or {}))
+        return dataset_factory(data_cfg["factory"])(layers=layers, **(data_cfg.get("factory_kwargs") or {}))
     from datasets.sd15_aligned import SD15AlignedDataset
 
     expected = {"D": D} if D else None
@@ -101,6 +133,8 @@ def build_dataset(
         expected=expected,
         layers=layers,
         seed=seed,
+        on_bad_record=data_cfg["on_bad_record"],  # validated config: train/urepa/config_schema.py
+        verify_checksums=data_cfg["verify_checksums"],
     )
 
 

@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from models.sd15_unet_aligned import SD15UNetAligned
-from utils.weights import resolve_hf_path
+from utils.weights import resolve_hf_path, sd15_how_to_get
 
 SD15_HOW_TO_GET = (
-    "Pass a local diffusers Stable Diffusion 1.5 directory as model.pretrained (containing unet/, vae/, "
-    "scheduler/), or run `huggingface-cli download runwayml/stable-diffusion-v1-5` (or the "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 mirror) on a machine with network and copy the HF cache here."
+    "Set model.pretrained to a local diffusers directory (unet/, vae/, scheduler/). " + sd15_how_to_get()
 )
 FINETUNE_MODES = ("lora", "full", "lora+full")
 
