@@ -31,10 +31,14 @@ from train.core import (  # noqa: E402
     Task,
     epoch_stream,
     make_accelerator,
+    make_adamw,
     make_lr_scheduler,
+    prepare_model,
     run_training,
     weight_dtype_of,
 )
+from train.core.config import perf_settings  # noqa: E402
+from train.core.perf import loader_kwargs as perf_loader_kwargs  # noqa: E402
 from train.urepa.checkpoint import EMA_FILE, save_extra_state  # noqa: E402
 from train.urepa.config_schema import URepaConfig  # noqa: E402
 from train.urepa.data import (  # noqa: E402
@@ -89,6 +93,7 @@ def core_config(cfg: dict[str, Any]) -> CoreConfig:
         max_consecutive_nonfinite=int(t["max_consecutive_nonfinite"]),
         stop_at_step=t.get("stop_at_step"),
         project_name="sd15_urepa",
+        **perf_settings(cfg.get("perf")),  # throughput options (docs/throughput.md)
     )
 
 
@@ -133,9 +138,8 @@ def build_data(cfg: dict[str, Any], accelerator, core: CoreConfig):
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=int(cfg["data"].get("num_workers", 0)),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # the dataset's per-epoch draws (set_epoch) must reach fresh workers
+        # the dataset's per-epoch draws (set_epoch) must reach fresh workers: no persistent workers
+        **perf_loader_kwargs(core, int(cfg["data"].get("num_workers", 0)), epoch_state=True),
     )
     if isinstance(dataset, SD15AlignedDataset):
         # Workers read whole batches straight into the batch tensors (one copy per record; measured in
@@ -188,8 +192,9 @@ def build_optimizer(
     cfg: dict[str, Any], params: list[torch.nn.Parameter], core: CoreConfig, num_processes: int
 ):
     ocfg = cfg["optim"]
-    optimizer = torch.optim.AdamW(
+    optimizer = make_adamw(  # perf.fused_adamw
         params,
+        core,
         lr=learning_rate(cfg),
         betas=tuple(ocfg["betas"]),
         weight_decay=float(ocfg["weight_decay"]),
@@ -320,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if accelerator.is_main_process:
         save_config(cfg, Path(core.output_dir) / "config.yaml")
     model, criterion, sd_dir = build_model(cfg, accelerator, D, grid, table)
+    prepare_model(model, core)  # perf.channels_last / skip_lora_input_cast / compile
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, lr_scheduler = build_optimizer(cfg, params, core, accelerator.num_processes)
     ema = ParamEMA(model, decay=float(cfg["ema"]["decay"]))

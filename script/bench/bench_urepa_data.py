@@ -46,33 +46,45 @@ from datasets.sample_csv import read_sample_csv  # noqa: E402
 from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
 
 
-def write_synthetic_caches(root: Path, n: int, checksum: str | None = DEFAULT_CHECKSUM) -> Path:
-    ids = [f"n{i % 1000:08d}_{i}" for i in range(n)]
+def write_synthetic_caches(
+    root: Path,
+    n: int,
+    latent_shape: tuple[int, int, int] = (4, 64, 64),
+    dino_grid: tuple[int, int] = (16, 16),
+    dino_dim: int = 1024,
+    clip_shape: tuple[int, int, int] = (1001, 77, 768),
+    checksum: str | None = DEFAULT_CHECKSUM,
+) -> Path:
+    """``n`` random samples in the U-REPA cache layout; the defaults are the real record sizes (SD-1.5 latents at
+    512 px, DINOv2 ViT-L/14 tokens at 224 px, CLIP ViT-L text embeddings of 1000 classes + the null prompt)."""
+    classes = clip_shape[0] - 1
+    ids = [f"n{i % classes:08d}_{i}" for i in range(n)]
     with open(root / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "img_path", "class_id", "synset"])
-        w.writerows([sid, f"{sid}.JPEG", i % 1000, f"n{i % 1000:08d}"] for i, sid in enumerate(ids))
+        w.writerows([sid, f"{sid}.JPEG", i % classes, f"n{i % classes:08d}"] for i, sid in enumerate(ids))
     lat_meta = {
         "kind": "vae_latent",
         "encoder": "AutoencoderKL",
-        "latent_shape": [4, 64, 64],
-        "shape": [4, 64, 64],
+        "latent_shape": list(latent_shape),
+        "shape": list(latent_shape),
         "content": "mean",
         "scaled": True,
         "scaling_factor": 0.18215,
         "dtype": "float16",
-        "resolution": 512,
+        "resolution": latent_shape[-1] * 8,
     }
+    num_tokens = dino_grid[0] * dino_grid[1]
     dino_meta = {
         "kind": "dino_tokens",
         "encoder": "dinov2_vitl14",
-        "D": 1024,
-        "num_tokens": 256,
-        "grid": [16, 16],
-        "shape": [256, 1024],
+        "D": dino_dim,
+        "num_tokens": num_tokens,
+        "grid": list(dino_grid),
+        "shape": [num_tokens, dino_dim],
         "dtype": "float16",
         "normalized": True,
-        "resolution": 224,
+        "resolution": dino_grid[0] * 14,
         "patch": 14,
     }
     g = torch.Generator().manual_seed(0)
@@ -81,9 +93,11 @@ def write_synthetic_caches(root: Path, n: int, checksum: str | None = DEFAULT_CH
         LMDBCacheWriter(root / "dino", dino_meta, commit_every=64, checksum=checksum) as dw,
     ):
         for sid in ids:
-            lw.put(sid, torch.randn(4, 64, 64, generator=g).half())
-            dw.put(sid, torch.nn.functional.normalize(torch.randn(256, 1024, generator=g), dim=-1).half())
-    torch.save({"embeddings": torch.randn(1001, 77, 768).half(), "null_index": 1000}, root / "clip.pt")
+            lw.put(sid, torch.randn(*latent_shape, generator=g).half())
+            tokens = torch.randn(num_tokens, dino_dim, generator=g)
+            dw.put(sid, torch.nn.functional.normalize(tokens, dim=-1).half())
+    clip = torch.randn(*clip_shape, generator=g).half()  # seeded like the rest: the same caches every time
+    torch.save({"embeddings": clip, "null_index": classes}, root / "clip.pt")
     return root
 
 
@@ -133,7 +147,7 @@ def bench_loader(args: argparse.Namespace, work: Path) -> None:
     root = work / "loader"
     root.mkdir()
     t = time.perf_counter()
-    write_synthetic_caches(root, args.num_records, args.checksum)
+    write_synthetic_caches(root, args.num_records, checksum=args.checksum)
     print(
         f"wrote {args.num_records} synthetic records (latent 32 KiB + tokens 512 KiB each, checksum "
         f"{args.checksum}) in {time.perf_counter() - t:.1f} s"

@@ -15,7 +15,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.mvtec import collate
-from train.core import CoreConfig, Optim, StepContext, StepSampler, Task, run_training
+from train.core import (
+    CoreConfig,
+    Optim,
+    StepContext,
+    StepSampler,
+    Task,
+    loader_kwargs,
+    make_adamw,
+    run_training,
+)
 
 
 def make_dataloader(
@@ -30,8 +39,7 @@ def make_dataloader(
         batch_size=args.train_batch_size,
         sampler=sampler,
         collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
+        **loader_kwargs(args, args.dataloader_num_workers),  # items are seeded by position: no epoch state
     )
 
 
@@ -39,8 +47,9 @@ def make_optimizer(param_groups: list[dict[str, Any]], args: argparse.Namespace)
     for g in param_groups:
         if not g["params"]:
             raise ValueError(f"optimizer group {g.get('name', '?')} has no trainable parameters")
-    return torch.optim.AdamW(
+    return make_adamw(  # --fused_adamw
         param_groups,
+        args,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

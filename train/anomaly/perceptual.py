@@ -28,6 +28,7 @@ from torch import nn
 
 from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache, decode_latents, predicted_x0
 from losses.latent_crops import crop_boxes, sample_crop_boxes
+from train.core.perf import compile_module
 from utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -273,6 +274,7 @@ def build_perceptual_term(
         resolution=resolution,
         input_range="-1_1",
     ).to(device)
+    encoder = compile_module(encoder, args, "dinov2")  # --compile dinov2 (train/core/perf.py)
     loss = DINOv2PerceptualLoss(
         encoder,
         layers=args.dinov2_feature_layers,

@@ -11,6 +11,7 @@ from train.core.checkpoint import TrainerState
 from train.core.config import CoreConfig, add_core_args, core_config_from_args
 from train.core.data import StepSampler, derive_seed, epoch_stream, step_generator
 from train.core.loop import NonFiniteLossError, Optim, StepContext, Task, run_training
+from train.core.perf import compile_module, loader_kwargs, make_adamw, prepare_model, to_channels_last
 from train.core.setup import make_accelerator, make_lr_scheduler, weight_dtype_of
 
 __all__ = [
@@ -22,12 +23,17 @@ __all__ = [
     "Task",
     "TrainerState",
     "add_core_args",
+    "compile_module",
     "core_config_from_args",
     "derive_seed",
     "epoch_stream",
+    "loader_kwargs",
+    "make_adamw",
     "make_accelerator",
     "make_lr_scheduler",
+    "prepare_model",
     "run_training",
     "step_generator",
+    "to_channels_last",
     "weight_dtype_of",
 ]

@@ -13,6 +13,26 @@ from typing import Any
 from utils.cli import UserError
 
 PRECISIONS = ("no", "fp16", "bf16")
+# Throughput settings (mechanisms in train/core/perf.py, docs/throughput.md). None of them changes the math.
+COMPILE_TARGETS = (
+    "model",
+    "dinov2",
+)  # model: the trained network (U-Net ...); dinov2: the frozen DINOv2 of a loss
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+PERF_FIELDS = (
+    "compile",
+    "compile_mode",
+    "channels_last",
+    "fused_adamw",
+    "allow_tf32",
+    "sdpa_backend",
+    "skip_lora_input_cast",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "log_step_times",
+)
 
 
 class CoreConfigError(UserError, ValueError):
@@ -37,6 +57,17 @@ class CoreConfig:
     stop_at_step: int | None = None
     project_name: str = "train"
     allow_tf32: bool = False
+    # throughput (train/core/perf.py); the defaults are the plain PyTorch behaviour
+    compile: tuple[str, ...] = ()  # subset of COMPILE_TARGETS
+    compile_mode: str | None = None  # torch.compile mode; None: its default
+    channels_last: bool = False
+    fused_adamw: bool = False
+    sdpa_backend: tuple[str, ...] = ()  # SDPA kernels allowed, in priority order; (): PyTorch's choice
+    skip_lora_input_cast: bool = False
+    dataloader_pin_memory: bool = False
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: int | None = None
+    log_step_times: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -75,6 +106,45 @@ class CoreConfig:
         )
         if self.report_to in ("none", "", "None"):
             self.report_to = None
+        self.compile = _names(self.compile, COMPILE_TARGETS, "compile")
+        self.sdpa_backend = _names(self.sdpa_backend, SDPA_BACKENDS, "sdpa_backend")
+        need(
+            self.compile_mode is None or self.compile_mode in COMPILE_MODES,
+            f"compile_mode must be one of {COMPILE_MODES} (or unset), got {self.compile_mode!r}",
+        )
+        need(
+            self.dataloader_prefetch_factor is None
+            or (isinstance(self.dataloader_prefetch_factor, int) and self.dataloader_prefetch_factor >= 1),
+            f"dataloader_prefetch_factor must be an integer >= 1 (or unset), got {self.dataloader_prefetch_factor!r}",
+        )
+
+
+def _names(value: Any, valid: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """A list setting from a flag (list), YAML (list or one string) or code (tuple), checked against ``valid``."""
+    if value is None or value == "" or value is False:
+        return ()
+    items = (value,) if isinstance(value, str) else tuple(value)
+    bad = [v for v in items if v not in valid]
+    if bad:
+        raise ValueError(f"{key}: unknown value(s) {bad}; valid: {list(valid)}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{key}: duplicate values in {list(items)}")
+    return items
+
+
+def perf_settings(section: dict[str, Any] | None, where: str = "perf") -> dict[str, Any]:
+    """The throughput keys of a YAML section (``perf:`` in ``train_sd15.py`` / DinoVQ configs) as
+    :class:`CoreConfig` arguments; a missing section means the defaults, an unknown key is an error."""
+    if not section:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(f"config section {where!r} must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(PERF_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"config section {where!r}: unknown key(s) {unknown}; valid keys: {list(PERF_FIELDS)}"
+        )
+    return dict(section)
 
 
 def add_core_args(
@@ -107,7 +177,6 @@ def add_core_args(
     g.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step."
     )
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument(
         "--checkpointing_steps",
         type=int,
@@ -145,6 +214,75 @@ def add_core_args(
         default=None,
         help="Stop after this step with a checkpoint, keeping the schedule of --max_train_steps "
         "(time-limited jobs: resume later with --resume_from_checkpoint latest).",
+    )
+    add_perf_args(parser)
+
+
+def add_perf_args(parser: argparse.ArgumentParser) -> None:
+    """The throughput flags (train/core/perf.py; docs/throughput.md). Off by default; none changes the math."""
+    g = parser.add_argument_group("throughput (same math, faster; docs/throughput.md)")
+    g.add_argument(
+        "--compile",
+        nargs="+",
+        choices=COMPILE_TARGETS,
+        default=[],
+        help="torch.compile these networks: model = the trained network (the U-Net in stages 1/2 and "
+        "train_sd15.py; DinoVQ's transformers; the latent head's student), dinov2 = the frozen DINOv2 of the "
+        "DINOv2 loss / targets. The first steps are slow (compilation).",
+    )
+    g.add_argument(
+        "--compile_mode", choices=COMPILE_MODES, default=None, help="torch.compile mode (default: torch's)."
+    )
+    g.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="Frozen conv weights (U-Net, VAE) in channels-last memory format (faster cuDNN convolutions "
+        "under bf16/fp16); trained weights keep the default layout.",
+    )
+    g.add_argument(
+        "--fused_adamw",
+        action="store_true",
+        help="AdamW with fused=True (one kernel for all parameters); falls back to the default with a note "
+        "where the device has no fused kernel.",
+    )
+    g.add_argument(
+        "--allow_tf32", action="store_true", help="TF32 for fp32 matmuls and convolutions on Ampere+ GPUs."
+    )
+    g.add_argument(
+        "--sdpa_backend",
+        nargs="+",
+        choices=SDPA_BACKENDS,
+        default=[],
+        help="Attention kernels allowed inside the training step, in priority order (e.g. flash efficient "
+        "math; end with math to keep a fallback for inputs the others do not take). Default: PyTorch's choice.",
+    )
+    g.add_argument(
+        "--skip_lora_input_cast",
+        action="store_true",
+        help="peft LoRA layers skip their input cast to the fp32 LoRA dtype (under bf16/fp16 autocast the "
+        "cast is undone by autocast, so results are equal; saves a copy of every LoRA layer's input).",
+    )
+    g.add_argument(
+        "--dataloader_pin_memory",
+        action="store_true",
+        help="Pinned host memory for batches and non-blocking copies to the GPU.",
+    )
+    g.add_argument(
+        "--dataloader_persistent_workers",
+        action="store_true",
+        help="Keep loader workers alive between epochs (refused where the dataset draws per-epoch state).",
+    )
+    g.add_argument(
+        "--dataloader_prefetch_factor",
+        type=int,
+        default=None,
+        help="Batches each loader worker prepares ahead (torch default: 2). Needs workers > 0.",
+    )
+    g.add_argument(
+        "--log_step_times",
+        action="store_true",
+        help="Log each step's data wait / forward / backward / optimizer time and the FLOPs of one step "
+        "(counted with torch.utils.flop_counter on the first step; not with --compile).",
     )
 
 

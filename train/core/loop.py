@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from train.core import perf
 from train.core.checkpoint import LOSS_LOG_NAME, TrainerState, resume, save_checkpoint
 from train.core.config import CoreConfig
 from train.core.data import step_generator
@@ -53,12 +54,21 @@ class Optim:
 class StepContext:
     """What a step function gets besides its micro-batches."""
 
-    def __init__(self, accelerator, modules: list[torch.nn.Module], step: int, num_micro: int, generator):
+    def __init__(
+        self,
+        accelerator,
+        modules: list[torch.nn.Module],
+        step: int,
+        num_micro: int,
+        generator,
+        timer: perf.StepTimer | None = None,
+    ):
         self.accelerator = accelerator
         self.step = step  # steps completed before this one (0 for the first)
         self.num_micro = num_micro
         self.generator = generator  # this step's draws: depends only on (seed, step, rank)
         self._modules = modules
+        self._timer = timer
 
     @contextlib.contextmanager
     def micro_step(self, index: int) -> Iterator[None]:
@@ -71,7 +81,8 @@ class StepContext:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of ``loss`` averaged over the step's micro-batches."""
-        self.accelerator.backward(loss / self.num_micro)
+        with self._timer.backward() if self._timer is not None else contextlib.nullcontext():
+            self.accelerator.backward(loss / self.num_micro)
 
 
 @dataclass
@@ -178,7 +189,12 @@ def _apply_update(accelerator, task: Task, guard: _Guard, logs: dict[str, Any], 
 
 
 class _Logs:
-    """Step logs kept as tensors and reduced across processes at log steps only (no per-step host sync)."""
+    """Step logs reduced across processes at log steps only (no per-step host sync).
+
+    Tensors are summed where they are (a device tensor stays on the device); plain numbers are summed on the
+    host and moved to the device at the log step (``torch.as_tensor(x, device=cuda)`` is a blocking copy that
+    waits for the GPU queue, so doing it per step would add a sync per logged number).
+    """
 
     def __init__(self, accelerator, path: Path):
         self.accelerator, self.path = accelerator, path
@@ -188,16 +204,21 @@ class _Logs:
 
     def add(self, logs: dict[str, Any]) -> None:
         for k, v in logs.items():
-            t = torch.as_tensor(v, device=self.accelerator.device).detach().float().reshape(())
-            if not torch.is_tensor(v) and not math.isfinite(float(v)):
-                continue
+            if torch.is_tensor(v):
+                t = v.detach().float().reshape(())
+            else:
+                t = float(v)
+                if not math.isfinite(t):
+                    continue
             self.sums[k] = self.sums.get(k, 0.0) + t
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def flush(self, step: int, extra: dict[str, float]) -> dict[str, float]:
         keys = sorted(self.sums)
-        values = torch.stack([self.sums[k] / self.counts[k] for k in keys]) if keys else torch.zeros(0)
-        values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean").tolist()
+        dev = self.accelerator.device
+        means = [torch.as_tensor(self.sums[k], dtype=torch.float32).to(dev) / self.counts[k] for k in keys]
+        values = torch.stack(means) if keys else torch.zeros(0, device=dev)
+        values = self.accelerator.reduce(values, reduction="mean").tolist()
         out = {k: float(v) for k, v in zip(keys, values, strict=True)}
         now = time.perf_counter()
         if self.step0 is not None:
@@ -238,6 +259,7 @@ def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) 
     )
     if state.step >= stop:
         logger.info(f"nothing to do: already at step {state.step} >= {stop}")
+    perf.check_compiled(cfg)
     try:
         last = _optimise(accelerator, cfg, task, state, _Guard(accelerator, cfg, state, logger), bar, stop)
     except NonFiniteLossError:
@@ -260,23 +282,29 @@ def _optimise(accelerator, cfg: CoreConfig, task: Task, state: TrainerState, gua
     device = accelerator.device if task.rng_device == "accelerator" else torch.device("cpu")
     params = [p for o in task.optims for p in o.params]
     logs_acc = _Logs(accelerator, out_dir / LOSS_LOG_NAME)
+    # compiled code bypasses the FLOP counter (its count would be wrong), so FLOPs are counted only in eager mode
+    timer = perf.StepTimer(accelerator.device, enabled=cfg.log_step_times, count_flops=not cfg.compile)
     last: dict[str, float] = {}
     data = task.batches(state.step * accum)
     for m in task.train_modules:
         m.train()
     while state.step < stop:
-        micro = [next(data) for _ in range(accum)]
+        with timer.data():
+            micro = [next(data) for _ in range(accum)]
         gen = step_generator(cfg.seed, state.step, accelerator.process_index, device)
-        ctx = StepContext(accelerator, task.train_modules, state.step, accum, gen)
-        logs = dict(task.step_fn(micro, ctx))
+        ctx = StepContext(accelerator, task.train_modules, state.step, accum, gen, timer)
+        with timer.step_fn(), perf.sdpa_context(cfg):
+            logs = dict(task.step_fn(micro, ctx))
         if _apply_update(accelerator, task, guard, logs, state.step) and task.after_update is not None:
             task.after_update(state.step + 1)
+        timer.end_step()
         state.step += 1
         bar.update(1)
         logs_acc.add(logs)
         if state.step % cfg.log_every == 0 or state.step == stop:
             extra = {"lr": task.optims[0].lr_scheduler.get_last_lr()[0], "skipped_steps": state.skipped_steps}
             extra.update({f"lr_{o.name}": o.lr_scheduler.get_last_lr()[0] for o in task.optims[1:]})
+            extra.update(timer.flush())
             last = logs_acc.flush(state.step, extra)
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
         if guard.should_stop:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from train.core import perf
 from train.core.checkpoint import LOSS_LOG_NAME
 from train.core.config import CoreConfig
 from utils.checkpoint import list_checkpoints
@@ -46,9 +47,9 @@ def make_accelerator(cfg: CoreConfig, *, find_unused_parameters: bool = False, *
     ``cpu=True`` without a GPU is what makes ``accelerate launch --multi_gpu --num_processes 2`` form one
     gloo group on a CPU machine (without it every process is its own "main" process). Gradient accumulation
     is done by the core itself (it needs the whole accumulated batch's random draws), so accelerate's own
-    counter stays at 1.
+    counter stays at 1. With ``dataloader_pin_memory`` on a GPU, accelerate's batch copies are non-blocking.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     cuda = torch.cuda.is_available()
@@ -58,6 +59,9 @@ def make_accelerator(cfg: CoreConfig, *, find_unused_parameters: bool = False, *
     handlers = list(kwargs.pop("kwargs_handlers", []))
     if find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    if cfg.dataloader_pin_memory and cuda:
+        kwargs["dataloader_config"] = kwargs.get("dataloader_config") or DataLoaderConfiguration()
+        kwargs["dataloader_config"].non_blocking = True
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.mixed_precision,
@@ -71,9 +75,8 @@ def make_accelerator(cfg: CoreConfig, *, find_unused_parameters: bool = False, *
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    if cfg.allow_tf32 and cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    perf.apply_global_settings(cfg)
+    perf.reset_compiled()
     set_seed(cfg.seed)  # same on every rank: identical initial weights everywhere
     return accelerator
 

@@ -32,11 +32,16 @@ from train.core import (  # noqa: E402
     Optim,
     StepContext,
     Task,
+    compile_module,
     epoch_stream,
+    loader_kwargs,
     make_accelerator,
+    make_adamw,
     make_lr_scheduler,
+    prepare_model,
     run_training,
 )
+from train.core.config import perf_settings  # noqa: E402
 from train.dinovq.config_schema import DinoVQConfig  # noqa: E402
 from train.dinovq.data import (  # noqa: E402
     EpochShuffleSampler,
@@ -56,16 +61,17 @@ logger = get_logger("dinovq.train")
 
 
 def get_optimizer(
-    params, lr: float, wd: float, betas: tuple[float, float] = (0.9, 0.99)
+    params, lr: float, wd: float, betas: tuple[float, float] = (0.9, 0.99), perf: CoreConfig | None = None
 ) -> torch.optim.AdamW:
-    """The seed's ``get_optimizer``: AdamW; biases, norms and position embeddings get no weight decay."""
+    """The seed's ``get_optimizer``: AdamW; biases, norms and position embeddings get no weight decay.
+    ``perf``: the core settings (``fused_adamw``)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("get_optimizer: no trainable parameters")
     decay = [p for p in params if p.ndim >= 2 and p.shape[0] != 1]
     no_decay = [p for p in params if not (p.ndim >= 2 and p.shape[0] != 1)]
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    return make_adamw([g for g in groups if g["params"]], perf, lr=lr, betas=betas)
 
 
 def schedule_name(kind: str, warmup: int) -> str:
@@ -205,6 +211,7 @@ def core_config(cfg: dict[str, Any], args: argparse.Namespace) -> CoreConfig:
         max_consecutive_nonfinite=int(t.get("max_consecutive_nonfinite", 5)),
         stop_at_step=args.stop_at_step,
         project_name="dinovq",
+        **perf_settings(cfg.get("perf")),  # throughput options (docs/throughput.md)
     )
 
 
@@ -224,6 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError(f"model.dino_dim={mcfg['dino_dim']} but the DINO targets have dim {targets.dim}")
     model = DinoVQModel(**mcfg)
     img_size = model.img_size
+    # perf.compile [model]: the three transformers (the quantizer and losses stay eager); [dinov2]: the targets'
+    for m in (model.encoder, model.pixel_decoder, model.dino_decoder):
+        prepare_model(m, core)
+    if targets.encoder is not None:
+        compile_module(targets.encoder, core, "dinov2")
 
     train_items, val_items = load_items(dcfg)
     augment = bool(dcfg.get("augment", True)) and targets.cache is None
@@ -242,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_ds,
         batch_size=bs,
         sampler=sampler,
-        num_workers=nw,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
+        **loader_kwargs(core, nw, epoch_state=True),  # augmentation is drawn per epoch (set_epoch)
     )
     val_dl = (
         DataLoader(
@@ -258,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     max_steps, warmup = core.max_steps, int(tcfg.get("warmup_steps", 0))
-    gen_opt = get_optimizer(model.generator_parameters(), float(tcfg["lr"]), float(tcfg["weight_decay"]))
+    gen_opt = get_optimizer(
+        model.generator_parameters(), float(tcfg["lr"]), float(tcfg["weight_decay"]), perf=core
+    )
     gen_sched = make_lr_scheduler(
         schedule_name(str(tcfg.get("lr_scheduler", "constant")), warmup),
         gen_opt,
@@ -272,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model.loss_fn.discriminator.parameters(),
             float(tcfg.get("disc_lr", tcfg["lr"])),
             float(tcfg["weight_decay"]),
+            perf=core,
         )
         disc_sched = make_lr_scheduler(
             "constant", disc_opt, warmup_steps=0, max_steps=max_steps, num_processes=accelerator.num_processes
@@ -373,7 +388,9 @@ def train_micro_step(accelerator, ctx, model, raw, imgs, ids, targets, disc_para
         logs.update(d)
     if raw.last_indices is not None:
         idx = raw.last_indices.flatten()
-        logs["batch_codebook_usage"] = idx.unique().numel() / raw.codebook_size
+        # on the device: idx.unique().numel() would wait for the GPU every step
+        used = torch.zeros(raw.codebook_size, device=idx.device).index_fill_(0, idx, 1.0)
+        logs["batch_codebook_usage"] = used.sum() / raw.codebook_size
     return logs
 
 

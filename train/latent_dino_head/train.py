@@ -34,11 +34,16 @@ from train.core import (  # noqa: E402
     StepContext,
     Task,
     add_core_args,
+    compile_module,
     core_config_from_args,
     epoch_stream,
+    loader_kwargs,
     make_accelerator,
+    make_adamw,
     make_lr_scheduler,
+    prepare_model,
     run_training,
+    to_channels_last,
 )
 from train.dinovq.data import EpochShuffleSampler, ImageDataset, find_images  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
@@ -124,7 +129,10 @@ def main(argv: list[str] | None = None) -> list[float]:
         teacher.embed_dim, latent_channels=vae.config.latent_channels, hidden=args.hidden, depth=args.depth
     )
     student = LatentDINOv2(teacher, head).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
+    prepare_model(student, cfg)  # --channels_last / --compile model
+    compile_module(teacher, cfg, "dinov2")
+    to_channels_last(vae, cfg)
+    opt = make_adamw(head.parameters(), cfg, lr=args.lr, weight_decay=0.0)  # --fused_adamw
     sched = make_lr_scheduler(
         args.lr_scheduler,
         opt,
@@ -141,7 +149,11 @@ def main(argv: list[str] | None = None) -> list[float]:
         )
     sampler = EpochShuffleSampler(len(ds), seed=args.seed)
     dl = DataLoader(
-        ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=True
+        ds,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        **loader_kwargs(cfg, args.num_workers, epoch_state=True),  # augmentation drawn per epoch
     )
 
     def save_hook(models, weights, output_dir):

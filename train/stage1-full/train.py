@@ -32,7 +32,14 @@ from train.anomaly.components import (  # noqa: E402
 )
 from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
 from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
-from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
+from train.core import (  # noqa: E402
+    core_config_from_args,
+    make_accelerator,
+    make_lr_scheduler,
+    prepare_model,
+    to_channels_last,
+    weight_dtype_of,
+)
 from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.training_utils import cast_training_params
 
         cast_training_params(trainable, dtype=torch.float32)  # LoRA weights stay fp32 under fp16/bf16
+    prepare_model(unet, cfg)  # throughput options: --channels_last, --skip_lora_input_cast, --compile model
+    to_channels_last(vae, cfg)
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
 
     perceptual = None

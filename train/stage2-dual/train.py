@@ -53,7 +53,14 @@ from train.anomaly.diffusion import (  # noqa: E402
     sample_timesteps,
 )
 from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
-from train.core import core_config_from_args, make_accelerator, make_lr_scheduler, weight_dtype_of  # noqa: E402
+from train.core import (  # noqa: E402
+    core_config_from_args,
+    make_accelerator,
+    make_lr_scheduler,
+    prepare_model,
+    to_channels_last,
+    weight_dtype_of,
+)
 from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     params = lora_params + inter_params + te_params
     for p in params:
         p.requires_grad_(True)
+    prepare_model(dual, cfg)  # throughput options: --channels_last, --compile model
+    to_channels_last(vae, cfg)
 
     perceptual = perceptual_fg = None
     if args.use_dinov2_loss:
