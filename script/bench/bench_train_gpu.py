@@ -207,7 +207,9 @@ def build_assets(work: Path, tiny: bool, num_samples: int) -> Assets:
         from preprocessing.make_tiny_assets import ensure_tiny_assets
 
         t = ensure_tiny_assets(REPO / ".cache" / "tiny")
-        write_synthetic_caches(caches, num_samples, (4, 8, 8), (2, 2), 64, (6, 77, 32))
+        write_synthetic_caches(
+            caches, num_samples, latent_shape=(4, 8, 8), dino_grid=(2, 2), dino_dim=64, clip_shape=(6, 77, 32)
+        )
         return Assets(t["sd15"], t["dinov2_official"], "tiny14", 28, [1, 3], t["mvtec"], 64, caches)
     from models.dinov2_encoder import DINOv2Encoder, save_official_checkpoint
 

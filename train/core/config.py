@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import PositiveInt
 
 from utils.cli import UserError
+from utils.config import ConfigSection
 
 PRECISIONS = ("no", "fp16", "bf16")
 # Throughput settings (mechanisms in train/core/perf.py, docs/throughput.md). None of them changes the math.
@@ -130,6 +133,23 @@ def _names(value: Any, valid: tuple[str, ...], key: str) -> tuple[str, ...]:
     if len(set(items)) != len(items):
         raise ValueError(f"{key}: duplicate values in {list(items)}")
     return items
+
+
+class PerfSection(ConfigSection):
+    """The ``perf:`` section of the YAML trainers' configs (``train_sd15.py``, DinoVQ): the throughput flags of
+    :func:`add_perf_args` under the same names, checked by the config schema."""
+
+    compile: list[Literal[COMPILE_TARGETS]] = []
+    compile_mode: Literal[COMPILE_MODES] | None = None
+    channels_last: bool = False
+    fused_adamw: bool = False
+    allow_tf32: bool = False
+    sdpa_backend: list[Literal[SDPA_BACKENDS]] = []
+    skip_lora_input_cast: bool = False
+    dataloader_pin_memory: bool = False
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: PositiveInt | None = None
+    log_step_times: bool = False
 
 
 def perf_settings(section: dict[str, Any] | None, where: str = "perf") -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from losses.patchgan import D_LOSSES, G_LOSSES
+from train.core.config import PerfSection
 from utils.config import ConfigSection
 
 NonNegative = Annotated[float, Field(ge=0.0)]
@@ -131,3 +132,4 @@ class DinoVQConfig(ConfigSection):
     dino: DinoSection = DinoSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    perf: PerfSection = PerfSection()  # throughput options (train/core/perf.py, docs/throughput.md)

@@ -14,6 +14,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 
 from losses.urepa import PREDICTION_TYPES
 from models.sd15_unet_aligned import ALIGN_LAYERS
+from train.core.config import PerfSection
 from train.urepa.sampling import SAMPLERS
 from train.urepa.setup import FINETUNE_MODES
 from utils.config import ConfigSection
@@ -147,6 +148,8 @@ class URepaConfig(ConfigSection):
     ema: EMASection = EMASection()
     train: TrainSection = TrainSection()
     sampling: SamplingSection = SamplingSection()
+    # throughput options (train/core/perf.py, docs/throughput.md); batches pinned on a GPU, as always here
+    perf: PerfSection = PerfSection(dataloader_pin_memory=True)
 
     @model_validator(mode="after")
     def _resolve(self) -> URepaConfig:
