@@ -54,6 +54,7 @@ def write_synthetic_caches(
     dino_grid: tuple[int, int] = (16, 16),
     dino_dim: int = 1024,
     clip_shape: tuple[int, int, int] = (1001, 77, 768),
+    checksum: str | None = DEFAULT_CHECKSUM,
 ) -> Path:
     """``n`` random samples in the U-REPA cache layout; the defaults are the real record sizes (SD-1.5 latents at
     512 px, DINOv2 ViT-L/14 tokens at 224 px, CLIP ViT-L text embeddings of 1000 classes + the null prompt)."""
@@ -147,7 +148,7 @@ def bench_loader(args: argparse.Namespace, work: Path) -> None:
     root = work / "loader"
     root.mkdir()
     t = time.perf_counter()
-    write_synthetic_caches(root, args.num_records, args.checksum)
+    write_synthetic_caches(root, args.num_records, checksum=args.checksum)
     print(
         f"wrote {args.num_records} synthetic records (latent 32 KiB + tokens 512 KiB each, checksum "
         f"{args.checksum}) in {time.perf_counter() - t:.1f} s"
