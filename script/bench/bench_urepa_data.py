@@ -49,7 +49,6 @@ from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noq
 def write_synthetic_caches(
     root: Path,
     n: int,
-    checksum: str | None = DEFAULT_CHECKSUM,
     latent_shape: tuple[int, int, int] = (4, 64, 64),
     dino_grid: tuple[int, int] = (16, 16),
     dino_dim: int = 1024,
