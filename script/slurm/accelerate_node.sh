@@ -10,7 +10,8 @@
 #   main node       MAIN_PROCESS_IP, the first host of SLURM_JOB_NODELIST (scontrol), 127.0.0.1 on one node
 #   port            MAIN_PROCESS_PORT, 29500
 #   processes/node  PROCS_PER_NODE, SLURM_GPUS_ON_NODE, the GPUs nvidia-smi lists, 1
-# DRY_RUN=1 prints the command instead of running it. ACCELERATE overrides the accelerate executable.
+# DRY_RUN=1 prints the command instead of running it. Run from the repository root; the launcher is
+# ACCELERATE (an accelerate executable) if set, else LAUNCH / .env's Python as every script (script/lib/python.sh).
 # docs/scaling.md
 set -euo pipefail
 if [ $# -lt 2 ]; then
@@ -39,9 +40,14 @@ if [ -z "${PROCS_PER_NODE:-}" ]; then
   [ "${PROCS_PER_NODE:-0}" -ge 1 ] || PROCS_PER_NODE=1
 fi
 NUM_PROCESSES=$((NNODES * PROCS_PER_NODE))
-ACCELERATE=${ACCELERATE:-accelerate}
+source script/lib/python.sh
+if [ -n "${ACCELERATE:-}" ]; then
+  launcher=("$ACCELERATE" launch)
+else
+  read -r -a launcher <<< "$LAUNCH"
+fi
 
-cmd=("$ACCELERATE" launch --config_file "$CONFIG"
+cmd=("${launcher[@]}" --config_file "$CONFIG"
   --num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes "$NUM_PROCESSES"
   --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$PORT")
 if [ "$NUM_PROCESSES" -gt 1 ]; then
