@@ -29,7 +29,7 @@ if __name__ == "__main__":
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-from collections.abc import Iterable, Sequence  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -260,33 +260,6 @@ def reference_stats(
             )
     logger.info(f"reference statistics cached at {cache}")
     return stats
-
-
-def plot_metric_vs_step(results: Sequence[dict], path: str | os.PathLike, metrics=("fid", "sfid")) -> Path:
-    """Line plot of metrics against training step, one line per run (results: dicts with run, step, ...)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils.checkpoint import atomic_write
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    runs = sorted({r["run"] for r in results})
-    for ax, metric in zip(axes[0], metrics):
-        for run in runs:
-            pts = sorted((r["step"], r[metric]) for r in results if r["run"] == run and metric in r)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=run)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(metric.upper())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
