@@ -558,7 +558,12 @@ def load_dual_unet(
         required_files=("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
     )
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    dual = DualLoRAUNet(
+    model_class, extra = DualLoRAUNet, {}
+    if config.get("background_compensation"):  # DualAnoDiff's BCM variant (models/bcm_reference_attention.py)
+        from models.bcm_reference_attention import BCMDualLoRAUNet as model_class
+
+        extra["bcm_mlp_hidden"] = int(config["bcm_mlp_hidden"])
+    dual = model_class(
         unet,
         rank=int(config["rank"]),
         alpha=float(config["alpha"]),
@@ -567,6 +572,7 @@ def load_dual_unet(
         target_modules=tuple(config["target_modules"]),
         interaction_preset=config["interaction_preset"],
         interaction_init=config["interaction_init"],
+        **extra,
     )
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
     if config.get("text_encoder_lora"):
