@@ -199,3 +199,18 @@ def background_every(class_name: str, every: int | None = None) -> int:
 def background_index(sample_index: int, num_backgrounds: int, every: int) -> int:
     """The background of sample ``i``: ``(i // every) % n`` (the reference's rotation, started at sample 0)."""
     return (sample_index // every) % num_backgrounds
+
+
+def load_good_backgrounds(
+    root: str | os.PathLike,
+    class_name: str,
+    fg_mask_dir: str | os.PathLike,
+    resolution: int,
+    resize_mode: str = "bilinear",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[torch.Tensor]:
+    """The generation backgrounds (:func:`good_background_paths`) as uint8 [3, R, R] tensors."""
+    return [
+        load_background(image, mask, resolution, resize_mode, max_pixels)
+        for image, mask in good_background_paths(root, class_name, fg_mask_dir)
+    ]

@@ -46,7 +46,11 @@ logger = get_logger("generate")
 PRESETS = {
     "fast": {"scheduler": "ddim", "num_inference_steps": 50, "guidance_scale": 2.5},
     "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
+    # DualAnoDiff's BCM inference (inference_test_tempt.py): 50 steps, guidance 2.0 (screw 1.2, set below)
+    "official_bcm": {"scheduler": "pndm", "num_inference_steps": 50},
 }
+BCM_REFERENCE_GUIDANCE = {"screw": 1.2}
+BCM_DEFAULT_GUIDANCE = 2.0
 PROMPTS = {"prompt": "a vfx", "prompt_blend": "a vfx with sks", "prompt_fg": "sks", "negative_prompt": ""}
 # fg background of stage-2 weights whose dual_config.json predates --fg_background (they were trained black)
 LEGACY_FG_BACKGROUND = "black"
@@ -69,7 +73,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         default="fast",
         help="defaults of --scheduler/--num_inference_steps/--guidance_scale: fast = ddim, 50, 2.5; "
-        "official = DualAnoDiff's inference (pndm, 100, 2.5)",
+        "official = DualAnoDiff's inference (pndm, 100, 2.5); official_bcm = its BCM inference (pndm, 50, "
+        "2.0; screw 1.2)",
     )
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the preset's)")
     p.add_argument(
@@ -145,10 +150,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MaskParams.min_area_fraction,
         help="mask extraction: drop components smaller than this fraction of the image",
     )
+    s2.add_argument(
+        "--bcm_fg_mask_dir",
+        default=None,
+        help="weights trained with --bcm: foreground masks of the good images, <dir>/<class>/good/<file> "
+        "(default: the training run's --bcm_fg_mask_dir, from dual_config.json)",
+    )
+    s2.add_argument(
+        "--bcm_data_dir",
+        default=None,
+        help="weights trained with --bcm: MVTec root whose <class>/train/good images give the backgrounds "
+        "(default: the training run's --instance_data_dir)",
+    )
+    s2.add_argument(
+        "--bcm_background_every",
+        type=int,
+        default=None,
+        help="weights trained with --bcm: consecutive samples per background (default: the reference's 50; "
+        "10 for screw)",
+    )
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.preset == "official_bcm" and args.guidance_scale is None:
+        args.guidance_scale = BCM_REFERENCE_GUIDANCE.get(args.mvtec_name, BCM_DEFAULT_GUIDANCE)
     if args.num_images < 1 or args.num_inference_steps < 1 or args.batch_size < 1:
         p.error("--num_images, --num_inference_steps and --batch_size must be >= 1")
     if args.guidance_scale < 1.0:
@@ -204,7 +230,38 @@ def check_inputs(args: argparse.Namespace) -> None:
             f"stage-2 weights not found: {Path(args.weights_dir) / DUAL_CONFIG_NAME} does not exist. Pass the "
             "stage-2 --output_dir (or a checkpoint-<step>/ in it) of bash script/train/train_stage2-dual.sh."
         )
+    elif args.stage == "stage2":
+        problems.extend(_bcm_problems(args))
     raise_if_problems(problems, f"{args.stage}: cannot start")
+
+
+def _bcm_sources(args: argparse.Namespace, config: dict) -> tuple[str | None, str | None]:
+    """(MVTec root, foreground-mask dir) of a background-compensation model: flags, else the training run's."""
+    return (
+        args.bcm_data_dir or config.get("instance_data_dir"),
+        args.bcm_fg_mask_dir or config.get("bcm_fg_mask_dir"),
+    )
+
+
+def _bcm_problems(args: argparse.Namespace) -> list:
+    """What a background-compensation (--bcm) model lacks to sample: the good images and their masks."""
+    from datasets.bcm_background import good_background_paths
+    from models.dual_lora import read_dual_config
+
+    config = read_dual_config(args.weights_dir)
+    if not config.get("background_compensation"):
+        return []
+    root, masks = _bcm_sources(args, config)
+    if root is None or masks is None:
+        return [
+            f"{args.weights_dir} was trained with background compensation (--bcm): pass --bcm_data_dir (MVTec "
+            "root with <class>/train/good) and --bcm_fg_mask_dir (masks <dir>/<class>/good/<file>)"
+        ]
+    try:
+        good_background_paths(root, args.mvtec_name, masks)
+    except FileNotFoundError as err:
+        return [err]
+    return []
 
 
 def load_stage1_pipeline(args: argparse.Namespace):
@@ -327,6 +384,7 @@ def sample_pairs(
 
 
 def run_stage2(args: argparse.Namespace) -> Path:
+    from models.bcm_reference_attention import sampling_condition
     from models.dual_lora import load_dual_unet
 
     out = Path(args.output_root) / args.mvtec_name / args.mvtec_anomaly_name
@@ -349,19 +407,35 @@ def run_stage2(args: argparse.Namespace) -> Path:
         threshold=args.mask_threshold,
         min_area_fraction=args.mask_min_area_fraction,
     )
+    backgrounds, every = [], 1
+    if components["config"].get("background_compensation"):  # DualAnoDiff's BCM variant
+        from datasets.bcm_background import background_every, load_good_backgrounds
+
+        root, mask_dir = _bcm_sources(args, components["config"])
+        vae_scale = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+        size = args.resolution or components["dual_unet"].config.sample_size * vae_scale
+        backgrounds = load_good_backgrounds(root, args.mvtec_name, mask_dir, size)
+        every = background_every(args.mvtec_name, args.bcm_background_every)
+        logger.info(
+            "background compensation: %d good backgrounds, a new one every %d samples",
+            len(backgrounds),
+            every,
+        )
     for s in progress(range(0, len(todo), args.batch_size), desc="stage2", unit="batch"):
         idx = todo[s : s + args.batch_size]
-        blend, fg = sample_pairs(
-            components,
-            args.prompt_blend,
-            args.prompt_fg,
-            [args.seed + i for i in idx],
-            args.scheduler,
-            args.num_inference_steps,
-            args.guidance_scale,
-            args.negative_prompt,
-            args.resolution,
-        )
+        seeds = [args.seed + i for i in idx]
+        with sampling_condition(components, backgrounds, idx, seeds, args.guidance_scale > 1.0, every):
+            blend, fg = sample_pairs(
+                components,
+                args.prompt_blend,
+                args.prompt_fg,
+                seeds,
+                args.scheduler,
+                args.num_inference_steps,
+                args.guidance_scale,
+                args.negative_prompt,
+                args.resolution,
+            )
         for k, i in enumerate(idx):
             fg_img = to_pil(fg[k], (-1.0, 1.0))
             _save_png(to_pil(blend[k], (-1.0, 1.0)), dirs["image"] / f"{i:04d}.png")

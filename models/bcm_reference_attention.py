@@ -253,3 +253,31 @@ def background_condition_for_sampling(
         zeros = torch.zeros_like(pixels[:1])
         negatives = torch.cat([encode_condition(vae, zeros, g) for g in gens])
     return BackgroundCondition(scheduler, backgrounds, negatives, gens)
+
+
+def sampling_condition(
+    components: dict,
+    backgrounds: Sequence[torch.Tensor],
+    sample_indices: Sequence[int],
+    seeds: Sequence[int],
+    guidance: bool,
+    every: int,
+) -> contextlib.AbstractContextManager:
+    """The condition to install around one sampler batch of a BCM model (a no-op for other models).
+
+    ``backgrounds``: uint8 ``[3, H, W]`` images (``datasets.bcm_background.load_good_backgrounds``); sample
+    ``i`` uses background ``(i // every) % len(backgrounds)`` (the reference's rotation).
+    """
+    model = components["dual_unet"]
+    if not isinstance(model, BCMDualLoRAUNet):
+        return contextlib.nullcontext()
+    from datasets.bcm_background import background_index
+
+    if not backgrounds:
+        raise ValueError("a background-compensation model needs backgrounds to sample from")
+    picks = [backgrounds[background_index(i, len(backgrounds), every)] for i in sample_indices]
+    pixels = torch.stack(picks).float() / 127.5 - 1.0
+    source = background_condition_for_sampling(
+        components["vae"], components["scheduler"], pixels, seeds, guidance
+    )
+    return model.conditioned(source)

@@ -258,10 +258,18 @@ def _ours_from_official(base, state, bcm=True, rank=3):
 
 
 # ------------------------------------------------------------------------------------------------- tests
-def test_training_forward_and_gradients_equal_the_official_maths():
-    base, rank, b = _unet(), 3, 2
-    ref, state = official_unet(base, rank, bcm=True, seed=1)
-    ours, converted = _ours_from_official(base, state, rank=rank)
+@pytest.fixture(scope="module")
+def bcm_models():
+    """(official U-Net, its official-format state dict, ours loaded from it through the converter, converted)."""
+    base = _unet()
+    ref, state = official_unet(base, 3, bcm=True, seed=1)
+    ours, converted = _ours_from_official(base, state, rank=3)
+    return ref, state, ours, converted
+
+
+def test_training_forward_and_gradients_equal_the_official_maths(bcm_models):
+    ref, state, ours, converted = bcm_models
+    b = 2
     assert converted.config["background_compensation"] and converted.dropped  # attn2's unused BCM params
     ref.train(), ours.train()
     g = torch.Generator().manual_seed(2)
@@ -295,19 +303,9 @@ def test_training_forward_and_gradients_equal_the_official_maths():
     mix = [v for k, v in ours_params.items() if k.endswith(".mix")]
     assert mix and all(m.grad.abs().max() > 0 for m in mix)
 
-    # the background really matters, and a = 0 is the plain dual model
+    # the background really matters
     pb2, _ = ours(xb, xf, t, eb, ef, condition=noised_condition(sched, cond + 1, noise_c, t))
     assert (pb2 - pb).abs().max() > 1e-4
-    with torch.no_grad():
-        for m in mix:
-            m.zero_()
-        plain = DualLoRAUNet(
-            copy.deepcopy(base), rank=rank, interaction_preset="official", interaction_init="default"
-        )
-        plain.load_trainable_state_dict(
-            {k: v for k, v in converted.unet.items() if not k.startswith("compensations.")}
-        )
-        torch.testing.assert_close(ours(xb, xf, t, eb, ef, condition=cond)[0], plain(xb, xf, t, eb, ef)[0])
 
 
 def _official_pipeline_sample(
@@ -350,16 +348,15 @@ class _LatentsOut(nn.Module):
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 @torch.no_grad()
-def test_sampling_equals_the_official_pipeline(guidance, tiny_assets):
+def test_sampling_equals_the_official_pipeline(guidance, tiny_assets, bcm_models):
     """Our sampler (eval.generate.sample_pairs) with a BackgroundCondition installed == the official pipeline
     loop, per sample, with and without the guidance batch ([negative; background] condition)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from eval.generate import sample_pairs
 
-    base, rank, steps, seeds = _unet(), 2, 3, [5, 9]
-    ref, state = official_unet(base, rank, bcm=True, seed=3)
-    ours, _ = _ours_from_official(base, state, rank=rank)
+    ref, _, ours, _ = bcm_models
+    steps, seeds = 2, [5, 9]
     ref.eval(), ours.eval()
     ddpm = _ddpm()
     tokenizer = CLIPTokenizer.from_pretrained(tiny_assets["sd15"], subfolder="tokenizer")
@@ -383,7 +380,7 @@ def test_sampling_equals_the_official_pipeline(guidance, tiny_assets):
     }
     gens = [torch.Generator().manual_seed(100 + s) for s in seeds]
     source = BackgroundCondition(ddpm, backgrounds, negatives if guidance > 1 else None, gens)
-    kwargs = dict(scheduler="pndm", num_inference_steps=steps, guidance_scale=guidance, resolution=8)
+    kwargs = dict(scheduler="ddim", num_inference_steps=steps, guidance_scale=guidance, resolution=8)
     with ours.conditioned(source):
         blend, fg = sample_pairs(components, "a vfx with sks", "sks", seeds, **kwargs)
     for k, s in enumerate(seeds):
