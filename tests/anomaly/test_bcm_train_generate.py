@@ -155,3 +155,18 @@ def test_bcm_flag_errors():
         parse(stage2_parser(), base)
     with pytest.raises(SystemExit, match="gradient_checkpointing"):
         parse(stage2_parser(), base + ["--bcm_fg_mask_dir", "m", "--gradient_checkpointing"])
+
+
+def test_stand_in_masks(tiny_assets, tmp_path):
+    """border: a bright object on a dark uniform background is found; the CLI writes the --bcm_fg_mask_dir layout."""
+    from preprocessing.make_fg_masks import border_mask, main
+
+    truth = np.asarray(_disc_mask((48, 48), soft=False)) > 0
+    rgb = np.where(truth[..., None], np.array([200, 150, 90]), np.array([10, 12, 8])).astype(np.uint8)
+    got = border_mask(rgb)
+    assert (got & truth).sum() / (got | truth).sum() > 0.9
+    assert main(["--mvtec_root", str(tiny_assets["mvtec"]), "--mvtec_name", "hazelnut", "--subsets", "hole", "good",
+                 "--output_dir", str(tmp_path), "--method", "empty"]) == 0  # fmt: skip
+    names = sorted(p.name for p in (tiny_assets["mvtec"] / "hazelnut" / "test" / "hole").glob("*.png"))
+    assert sorted(p.name for p in (tmp_path / "hazelnut" / "hole").iterdir()) == names
+    assert (tmp_path / "hazelnut" / "good").is_dir()
