@@ -128,7 +128,7 @@ class DualAnoDiffPipeline(DiffusionPipeline):
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.scheduler.save_pretrained(tmp / "scheduler")
             _base_unet(dual).save_pretrained(tmp / "unet", safe_serialization=safe_serialization)
-            text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=safe_serialization)
+            text_encoder.save_pretrained(tmp / "text_encoder")  # transformers writes safetensors
             own = set(dual.config_dict()) | {"text_encoder_lora", "text_encoder_rank"}
             extra = {k: v for k, v in self.weights_config.items() if k not in own}
             save_dual_weights(
@@ -261,6 +261,11 @@ def _attach_dual_weights(unet, text_encoder):
     if isinstance(unet, DualLoRAUNet):
         return unet, text_encoder, {}
     folder = Path(getattr(getattr(unet, "config", None), "_name_or_path", "") or "")
+    if (
+        not (folder / DUAL_CONFIG_NAME).is_file()
+        and (folder / SAVED_DUAL_SUBFOLDER / DUAL_CONFIG_NAME).is_file()
+    ):
+        folder = folder / SAVED_DUAL_SUBFOLDER  # loaded as (root, subfolder="unet")
     if not (folder / DUAL_CONFIG_NAME).is_file():
         raise ValueError(
             "DualAnoDiffPipeline needs the stage-2 dual U-Net: build it with DualAnoDiffPipeline.from_pretrained("

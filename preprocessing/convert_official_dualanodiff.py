@@ -206,7 +206,7 @@ def check_against_unet(converted: ConvertedWeights, pretrained_model_name_or_pat
     """Build the model of ``converted.config`` on the base U-Net and load the weights strictly."""
     from diffusers import UNet2DConditionModel
 
-    from models.dual_lora import DualLoRAUNet
+    from models.dual_lora import dual_unet_from_config
     from utils.weights import resolve_hf_path, sd15_how_to_get
 
     root = resolve_hf_path(
@@ -215,15 +215,9 @@ def check_against_unet(converted: ConvertedWeights, pretrained_model_name_or_pat
         sd15_how_to_get(),
         ("unet/config.json",),
     )
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    cfg = converted.config
-    cls = DualLoRAUNet
-    extra = {}
-    if cfg.get("background_compensation"):
-        from models.bcm_reference_attention import BCMDualLoRAUNet as cls
-
-        extra["bcm_mlp_hidden"] = cfg["bcm_mlp_hidden"]
-    model = cls(unet, rank=cfg["rank"], interaction_preset="official", interaction_init="default", **extra)
+    model = dual_unet_from_config(
+        UNet2DConditionModel.from_pretrained(root, subfolder="unet"), converted.config
+    )
     model.load_trainable_state_dict(converted.unet)
 
 

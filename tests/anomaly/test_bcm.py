@@ -451,3 +451,53 @@ def test_bcm_refuses_shared_mode_and_missing_condition():
         torch.testing.assert_close(
             model(x + 1, x, 10, e, e, condition=torch.randn(1, 4, 8, 8))[0], plain(x + 1, x, 10, e, e)[0]
         )
+
+
+@torch.no_grad()
+def test_converter_cli_on_an_official_file(tiny_assets, bcm_models, tmp_path):
+    """An official-format .bin (U-Net processors + text-encoder LoRA, as save_lora_weights writes it) through the
+    CLI: the loaded model holds the official weights, and its text encoder computes the official monkey-patched
+    ``proj(x) + up(down(x))``."""
+    import copy as _copy
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from models.dual_lora import load_dual_unet
+    from preprocessing.convert_official_dualanodiff import main
+
+    _, state, ours, _ = bcm_models
+    text_encoder = CLIPTextModel.from_pretrained(tiny_assets["sd15"], subfolder="text_encoder").eval()
+    g = torch.Generator().manual_seed(11)
+    official = {k: v.detach().clone() for k, v in state.items()}
+    lora = {}
+    for name, module in text_encoder.named_modules():
+        if name.endswith(".self_attn"):
+            for proj, attr in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
+                lin = getattr(module, attr)
+                down = torch.randn(2, lin.in_features, generator=g) * 0.2
+                up = torch.randn(lin.out_features, 2, generator=g) * 0.2
+                official[f"text_encoder.{name}.to_{proj}_lora.down.weight"] = down
+                official[f"text_encoder.{name}.to_{proj}_lora.up.weight"] = up
+                lora[f"{name}.{attr}"] = (down, up)
+    src = tmp_path / "official" / "checkpoint-5000"
+    src.mkdir(parents=True)
+    torch.save(official, src / "pytorch_lora_weights.bin")
+    out = tmp_path / "converted"
+    args = ["--official_weights", str(src), "--output_dir", str(out)]
+    assert main(args + ["--pretrained_model_name_or_path", str(tiny_assets["sd15"])]) == 0
+    comps = load_dual_unet(tiny_assets["sd15"], out)
+    assert comps["config"]["background_compensation"] and comps["config"]["text_encoder_rank"] == 2
+    got = comps["dual_unet"].trainable_state_dict()
+    want = ours.trainable_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+    reference = _copy.deepcopy(text_encoder)  # the official _modify_text_encoder: forward = old(x) + lora(x)
+    for path, (down, up) in lora.items():
+        module = reference.get_submodule(path)
+        module.forward = (lambda old, d, u: lambda x: old(x) + x @ d.T @ u.T)(module.forward, down, up)
+    tok = CLIPTokenizer.from_pretrained(tiny_assets["sd15"], subfolder="tokenizer")
+    ids = tok(
+        ["a vfx with sks"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+    ).input_ids
+    torch.testing.assert_close(comps["text_encoder"](ids)[0], reference(ids)[0], atol=1e-5, rtol=1e-4)
+    assert (reference(ids)[0] - text_encoder(ids)[0]).abs().max() > 1e-3
