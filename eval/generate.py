@@ -14,7 +14,9 @@ eval/mask_extraction.py):
 
 Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 steps, guidance 2.5) and
 ``--preset official`` (DualAnoDiff's inference: PNDM, 100 steps, guidance 2.5, prompts "a vfx with sks" /
-"sks", unconditional prompt ""); script/inference/*.sh use ``official``.
+"sks", unconditional prompt ""); script/inference/*.sh use ``official``. ``--preset official_bcm``: its
+background-compensation inference (PNDM, 50 steps, guidance 2.0, 1.2 for screw) for weights trained with
+``--bcm``, which sample on the backgrounds of ``train/good`` images (``--bcm_fg_mask_dir``, ``--bcm_data_dir``).
 
 Resumable: sample ``i`` uses its own seed ``--seed + i``, indices whose files exist are skipped, files are
 written atomically, so an interrupted run continues with the same images an uninterrupted run would write.
