@@ -81,14 +81,15 @@ def main() -> None:
 
 def sample_trained_standin(root: str, out: Path, per_prompt: int = 6) -> Path:
     """Grid of the trained stand-in SD-1.5: one row per training prompt, DDIM 25 steps, CFG 3."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
+    from models.schedulers import make_scheduler
     from preprocessing.trained_assets import ensure_trained_assets, read_stamp
 
     trained = ensure_trained_assets(root)
     prompts = read_stamp(trained["root"])["figures"]["sd15"]["prompts"]
     pipe = StableDiffusionPipeline.from_pretrained(trained["sd15"])
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)  # x0 not clipped: latents exceed [-1, 1]
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
         [p for p in prompts for _ in range(per_prompt)],
