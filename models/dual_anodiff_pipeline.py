@@ -203,7 +203,7 @@ class DualAnoDiffPipeline(DiffusionPipeline):
                 len(self.vae.config.block_out_channels) - 1
             )
             bg_tensors = [
-                torch.from_numpy(np.asarray(b.convert("RGB").resize((size, size), Image.BILINEAR))).permute(
+                torch.from_numpy(np.array(b.convert("RGB").resize((size, size), Image.BILINEAR))).permute(
                     2, 0, 1
                 )
                 for b in backgrounds
