@@ -150,7 +150,7 @@ def test_bcm_flag_errors():
     from train.anomaly.args import parse, stage2_parser
 
     base = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", "d", "--mvtec_name", "hazelnut",
-            "--mvtec_anamaly_name", "hole", "--output_dir", "o", "--bcm"]  # fmt: skip
+            "--mvtec_anamaly_name", "hole", "--output_dir", "o", "--max_train_steps", "2", "--bcm"]  # fmt: skip
     with pytest.raises(SystemExit, match="bcm_fg_mask_dir"):
         parse(stage2_parser(), base)
     with pytest.raises(SystemExit, match="gradient_checkpointing"):
