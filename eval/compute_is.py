@@ -22,22 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
+import argparse
+import json
+import tempfile
 
-import torch  # noqa: E402
+import torch
 
-from eval.ic_lpips import list_generated_images  # noqa: E402
-from eval.inception import (  # noqa: E402
+from eval.ic_lpips import list_generated_images
+from eval.inception import (
     TORCH_FIDELITY_FILENAME,
     resolve_inception_path,
     weights_format,
     write_random_fid_state_dict,
 )
-from utils.cli import run_cli  # noqa: E402
-from utils.images import load_rgb  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from utils.cli import run_cli
+from utils.images import load_rgb
+from utils.logging import get_logger, progress
 
 logger = get_logger("compute_is")
 

@@ -26,17 +26,17 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
+import hashlib
+import json
+import os
+from collections.abc import Iterable
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from eval.inception import POOL_DIM, CleanFIDInception  # noqa: E402
-from utils.images import IMAGE_EXTENSIONS, load_rgb  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from eval.inception import POOL_DIM, CleanFIDInception
+from utils.images import IMAGE_EXTENSIONS, load_rgb
+from utils.logging import get_logger
 
 logger = get_logger("fid")
 FEATURES = ("pool", "spatial")

@@ -27,18 +27,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
+import argparse
+import os
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import FG_BACKGROUNDS  # noqa: E402
-from eval.mask_extraction import MaskParams, extract_mask, mask_to_image  # noqa: E402
-from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import raise_if_problems, run_cli  # noqa: E402
-from utils.images import to_pil  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from datasets.mvtec import FG_BACKGROUNDS
+from eval.mask_extraction import MaskParams, extract_mask, mask_to_image
+from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs
+from utils.checkpoint import atomic_write
+from utils.cli import raise_if_problems, run_cli
+from utils.images import to_pil
+from utils.logging import get_logger, progress
 
 logger = get_logger("generate")
 # What each preset sets when the flag is not given. "official": DualAnoDiff's inference script (the stock

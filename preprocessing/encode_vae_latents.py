@@ -20,18 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
+import torch
 
-from preprocessing.cache_jobs import (  # noqa: E402
+from preprocessing.cache_jobs import (
     TargetStats,
     VAELatentEncoder,
     add_job_args,
     add_vae_args,
     run_cli_job,
 )
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

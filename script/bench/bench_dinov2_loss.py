@@ -37,23 +37,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import contextlib
+import gc
+import itertools
+import os
+import statistics
+import time
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache  # noqa: E402
-from losses.latent_crops import crop_boxes, crop_tiles  # noqa: E402
-from train.anomaly.perceptual import PerceptualTerm, default_dino_resolution  # noqa: E402
-from utils.memory import LiveTensorPeak, PeakRSS  # noqa: E402
+from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache
+from losses.latent_crops import crop_boxes, crop_tiles
+from train.anomaly.perceptual import PerceptualTerm, default_dino_resolution
+from utils.memory import LiveTensorPeak, PeakRSS
 
 LAYERS = [3, 6, 9, 11]
 SEED_BATCH = 8  # the seed's stage-1 --train_batch_size (stage 2: 4 pairs = 8 U-Net samples, 4 in the term)
