@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_bytes, record_nbytes
+from datasets.lmdb_cache_format import estimate_cache_bytes, format_bytes, record_nbytes
+from datasets.lmdb_cache_writer import LMDBCacheWriter
 from datasets.sample_csv import SampleRow, read_sample_csv
 from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 from utils.logging import get_logger, progress

@@ -25,9 +25,9 @@ from typing import Any
 
 import lmdb
 
-from datasets.lmdb_cache import (
+from datasets.lmdb_cache import LMDBCacheReader
+from datasets.lmdb_cache_format import (
     CacheCorruptError,
-    LMDBCacheReader,
     MetadataMismatchError,
     RecordFormat,
     list_shards,

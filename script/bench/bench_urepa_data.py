@@ -36,12 +36,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.lmdb_cache import (
-    DEFAULT_CHECKSUM,
-    LMDBCacheReader,
-    LMDBCacheWriter,
-    shared_readonly_env,
-)
+from datasets.lmdb_cache import LMDBCacheReader
+from datasets.lmdb_cache_format import DEFAULT_CHECKSUM, shared_readonly_env
+from datasets.lmdb_cache_writer import LMDBCacheWriter
 from datasets.sample_csv import read_sample_csv
 from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader
 
