@@ -177,7 +177,7 @@ def resolve_base_model(args: argparse.Namespace) -> Path:
     from utils.weights import resolve_hf_path, sd15_how_to_get
 
     required = ("model_index.json",)
-    if args.stage == "stage2":  # what models/dual_lora.py:load_dual_unet reads
+    if args.stage == "stage2":  # what models/dual_lora_io.py:load_dual_unet reads
         required = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
     return resolve_hf_path(
         args.pretrained_model_name_or_path, "Stable Diffusion 1.5 base model", sd15_how_to_get(), required
@@ -327,7 +327,7 @@ def sample_pairs(
 
 
 def run_stage2(args: argparse.Namespace) -> Path:
-    from models.dual_lora import load_dual_unet
+    from models.dual_lora_io import load_dual_unet
 
     out = Path(args.output_root) / args.mvtec_name / args.mvtec_anomaly_name
     dirs = {k: out / k for k in ("image", "fg", "mask")}

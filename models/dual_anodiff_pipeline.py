@@ -13,7 +13,7 @@ stage2`` does (the same sampler code, ``eval.generate.sample_pairs``; sample ``i
 the pipeline and the CLI give the same images), and the mask is extracted from the fg image with
 ``eval/mask_extraction.py``. ``weights_dir`` is a stage-2 ``--output_dir`` or ``checkpoint-<step>/``.
 For a stock ``StableDiffusionPipeline`` (one branch, no interaction) use the per-branch LoRA files instead
-(``models.dual_lora.export_branch_loras``).
+(``models.dual_lora_io.export_branch_loras``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class DualAnoDiffPipeline(DiffusionPipeline):
 
         Nothing is downloaded: a missing base names the files and how to get them.
         """
-        from models.dual_lora import load_dual_unet
+        from models.dual_lora_io import load_dual_unet
 
         comps = load_dual_unet(pretrained_model_name_or_path, weights_dir, device=device, dtype=torch_dtype)
         pipe = cls(

@@ -14,7 +14,7 @@ for both with --dual_mode shared, the seed's stage 2). Starting from a stage-1 c
 into both branch sets (and its text-encoder LoRA); the interaction modules start as the identity
 (--interaction_init zero), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
 dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
-load them with ``models.dual_lora.load_dual_unet``.
+load them with ``models.dual_lora_io.load_dual_unet``.
 """
 
 import sys
@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 from datasets.mvtec import MVTecAnomalyPairDataset
 from losses.dinov2_perceptual import DINOv2TargetCache
-from models.dual_lora import (
-    DUAL_CONFIG_NAME,
-    DualLoRAUNet,
+from models.dual_lora import DUAL_CONFIG_NAME, DualLoRAUNet
+from models.dual_lora_io import (
     add_text_encoder_lora,
     load_dual_weights,
     load_text_encoder_lora,
@@ -366,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             extra=extra,
         )
-        from models.dual_lora import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
+        from models.dual_lora_io import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
 
         export_branch_loras(
             accelerator.unwrap_model(dual_p),
