@@ -12,7 +12,7 @@ With the torch-fidelity / pytorch-fid state dict (``weights-inception-2015-12-05
 image reading, its Inception, its protocol (logits without the FC bias, rows shuffled with seed 2020, 10
 splits). With only StyleGAN2-ADA's TorchScript ``inception-2015-12-05.pt`` the class probabilities come from
 that file's own ``forward(img, no_output_bias=True)`` (same TF weights, its own resize) and torch-fidelity's
-``isc_features_to_metric`` computes the score. Weights are never downloaded (``eval/inception.py``).
+``isc_features_to_metric`` computes the score. Weights are never downloaded (``models/inception.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from eval.ic_lpips import list_generated_images
-from eval.inception import (
+from models.inception import (
     TORCH_FIDELITY_FILENAME,
     resolve_inception_path,
     weights_format,

@@ -243,10 +243,10 @@ class LoadedModel:
 
 
 def load_inception_for(args: argparse.Namespace):
-    """clean-fid's Inception (``eval.inception.CleanFIDInception``) and an id for the statistics cache."""
+    """clean-fid's Inception (``models.inception.CleanFIDInception``) and an id for the statistics cache."""
     import tempfile
 
-    from eval.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
+    from models.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
 
     if args.inception_path == "random":
         logger.warning("--inception_path random: random Inception weights, FID/sFID values are meaningless")

@@ -109,6 +109,10 @@ def save_dual_weights(
     return out_dir
 
 
+# fg background of stage-2 weights whose dual_config.json predates --fg_background (they were trained black)
+LEGACY_FG_BACKGROUND = "black"
+
+
 def read_dual_config(weights_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(weights_dir) / DUAL_CONFIG_NAME
     if not path.is_file():

@@ -6,7 +6,7 @@ fg images whose true masks are known (IoU printed).
 
 The demo's tiny SD-1.5 has random weights and trains a few steps, so its fg branch draws noise, not a defect
 on black, and the masks extracted from that noise are (almost) all white. Mask extraction itself
-(eval/mask_extraction.py) is shown where it can be judged: on fg = image x true mask of the synthetic MVTec
+(models/mask_extraction.py) is shown where it can be judged: on fg = image x true mask of the synthetic MVTec
 defects, the input the fg branch is trained to produce.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.mvtec import defect_images, list_defects, mask_path_for
-from eval.mask_extraction import MaskParams, extract_mask, mask_iou, mask_to_image
+from models.mask_extraction import MaskParams, extract_mask, mask_iou, mask_to_image
 from utils.cli import raise_if_problems, run_cli
 from utils.figures import save_labelled_grid
 from utils.images import list_images

@@ -410,7 +410,7 @@ def build_eval_nets(raw, ecfg, device, is_main):
                 logger.warning("evaluation LPIPS skipped: %s", err)
     if ecfg.get("rfid", True):
         try:
-            from eval.inception import load_inception
+            from models.inception import load_inception
 
             net = load_inception(ecfg.get("inception_path"), device=device)
             inception = lambda x01: net(x01 * 255.0, outputs=("pool",))["pool"]  # noqa: E731
