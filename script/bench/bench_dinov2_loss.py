@@ -5,8 +5,8 @@
     .env/bin/python script/bench/bench_dinov2_loss.py --tiny                                 # on the tiny assets
 
 Models (random weights, nothing to download): SD-1.5's U-Net with the trainers' LoRA (rank 32 on to_q/k/v/out.0)
-and SD-1.5's VAE, both from the values of runwayml/stable-diffusion-v1-5 unet/ and vae/config.json; DINOv2
-ViT-B/14 (layers 3 6 9 11, l2, layers summed); TAESD = diffusers AutoencoderTiny defaults (madebyollin/taesd).
+and SD-1.5's VAE, both from the values of stable-diffusion-v1-5/stable-diffusion-v1-5 unet/ and vae/config.json;
+DINOv2 ViT-B/14 (layers 3 6 9 11, l2, layers summed); TAESD = diffusers AutoencoderTiny defaults (madebyollin/taesd).
 Each variant is the repo's own ``PerceptualTerm`` (train/anomaly/perceptual.py) with its flags.
 
 The overhead of a variant is what the term adds to a training step: its forward (x0 -> decode -> DINOv2) and its

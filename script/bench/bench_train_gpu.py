@@ -137,7 +137,7 @@ def write_sd15_pipeline(root: Path) -> Path:
 
     torch.manual_seed(0)
     UNet2DConditionModel(**SD15_UNET_CONFIG).save_pretrained(root / "unet")
-    AutoencoderKL(  # runwayml/stable-diffusion-v1-5 vae/config.json
+    AutoencoderKL(  # stable-diffusion-v1-5/stable-diffusion-v1-5 vae/config.json
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
