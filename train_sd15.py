@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
-from losses.urepa import URepaLoss  # noqa: E402
-from train.core import (  # noqa: E402
+from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader
+from losses.urepa import URepaLoss
+from train.core import (
     CoreConfig,
     NonFiniteLossError,
     Optim,
@@ -37,11 +37,11 @@ from train.core import (  # noqa: E402
     run_training,
     weight_dtype_of,
 )
-from train.core.config import perf_settings  # noqa: E402
-from train.core.perf import loader_kwargs as perf_loader_kwargs  # noqa: E402
-from train.urepa.checkpoint import EMA_FILE, save_extra_state  # noqa: E402
-from train.urepa.config_schema import URepaConfig  # noqa: E402
-from train.urepa.data import (  # noqa: E402
+from train.core.config import perf_settings
+from train.core.perf import loader_kwargs as perf_loader_kwargs
+from train.urepa.checkpoint import EMA_FILE, save_extra_state
+from train.urepa.config_schema import URepaConfig
+from train.urepa.data import (
     apply_cfg_dropout,
     build_dataset,
     cfg_dropout_mask,
@@ -49,17 +49,17 @@ from train.urepa.data import (  # noqa: E402
     embedding_table,
     grid_from_metadata,
 )
-from train.urepa.ema import ParamEMA  # noqa: E402
-from train.urepa.setup import (  # noqa: E402
+from train.urepa.ema import ParamEMA
+from train.urepa.setup import (
     build_aligned_model,
     load_scheduler_config,
     load_unet,
     load_vae,
     resolve_sd_dir,
 )
-from utils.cli import run_cli  # noqa: E402
-from utils.config import add_config_args, load_config, save_config  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from utils.cli import run_cli
+from utils.config import add_config_args, load_config, save_config
+from utils.logging import get_logger
 
 logger = get_logger("train_sd15")
 

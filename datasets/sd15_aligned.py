@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from datasets.lmdb_cache import CorruptRecordError, LMDBCacheReader, parse_dtype
+from datasets.lmdb_cache import LMDBCacheReader
+from datasets.lmdb_cache_format import CorruptRecordError, parse_dtype
 from datasets.sample_csv import read_sample_csv
 from utils.logging import get_logger
 

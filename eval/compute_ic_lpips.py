@@ -32,25 +32,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
+import argparse
+import csv
+import json
+import math
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import SPLIT_RULES, defect_images, few_shot_split, good_images  # noqa: E402
-from eval.ic_lpips import (  # noqa: E402
+from datasets.mvtec import SPLIT_RULES, defect_images, few_shot_split, good_images
+from eval.ic_lpips import (
     DEFAULT_CLUSTER_SIZE,
     IC_LPIPS_RESOLUTION,
     LPIPSFeatureSpace,
     ic_lpips,
     list_generated_images,
 )
-from losses.lpips_vgg import build_lpips_vgg, resolve_vgg16_checkpoint  # noqa: E402
-from utils.cli import UserError, raise_if_problems, run_cli  # noqa: E402
-from utils.images import list_images  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from losses.lpips_vgg import build_lpips_vgg, resolve_vgg16_checkpoint
+from utils.cli import UserError, raise_if_problems, run_cli
+from utils.images import list_images
+from utils.logging import get_logger
 
 logger = get_logger("compute_ic_lpips")
 FULL = "full"

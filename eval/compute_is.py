@@ -12,7 +12,7 @@ With the torch-fidelity / pytorch-fid state dict (``weights-inception-2015-12-05
 image reading, its Inception, its protocol (logits without the FC bias, rows shuffled with seed 2020, 10
 splits). With only StyleGAN2-ADA's TorchScript ``inception-2015-12-05.pt`` the class probabilities come from
 that file's own ``forward(img, no_output_bias=True)`` (same TF weights, its own resize) and torch-fidelity's
-``isc_features_to_metric`` computes the score. Weights are never downloaded (``eval/inception.py``).
+``isc_features_to_metric`` computes the score. Weights are never downloaded (``models/inception.py``).
 """
 
 from __future__ import annotations
@@ -22,22 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
+import argparse
+import json
+import tempfile
 
-import torch  # noqa: E402
+import torch
 
-from eval.ic_lpips import list_generated_images  # noqa: E402
-from eval.inception import (  # noqa: E402
+from eval.ic_lpips import list_generated_images
+from models.inception import (
     TORCH_FIDELITY_FILENAME,
     resolve_inception_path,
     weights_format,
     write_random_fid_state_dict,
 )
-from utils.cli import run_cli  # noqa: E402
-from utils.images import load_rgb  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from utils.cli import run_cli
+from utils.images import load_rgb
+from utils.logging import get_logger, progress
 
 logger = get_logger("compute_is")
 

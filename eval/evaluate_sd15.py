@@ -17,21 +17,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from eval.fid import fid_from_stats, inception_stats, reference_stats, to_uint8_range  # noqa: E402
-from train.urepa.checkpoint import load_checkpoint_config, load_trainable  # noqa: E402
-from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents  # noqa: E402
-from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir  # noqa: E402
-from utils.checkpoint import atomic_write, checkpoint_step  # noqa: E402
-from utils.cli import raise_if_problems, run_cli  # noqa: E402
-from utils.figures import RANDOM_WEIGHTS_NOTE, plot_metric_vs_step, save_labelled_grid  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from eval.fid import fid_from_stats, inception_stats, reference_stats, to_uint8_range
+from train.urepa.checkpoint import load_checkpoint_config, load_trainable
+from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents
+from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir
+from utils.checkpoint import atomic_write, checkpoint_step
+from utils.cli import raise_if_problems, run_cli
+from utils.figures import RANDOM_WEIGHTS_NOTE, plot_metric_vs_step, save_labelled_grid
+from utils.logging import get_logger, progress
 
 logger = get_logger("evaluate_sd15")
 
@@ -243,10 +243,10 @@ class LoadedModel:
 
 
 def load_inception_for(args: argparse.Namespace):
-    """clean-fid's Inception (``eval.inception.CleanFIDInception``) and an id for the statistics cache."""
+    """clean-fid's Inception (``models.inception.CleanFIDInception``) and an id for the statistics cache."""
     import tempfile
 
-    from eval.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
+    from models.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
 
     if args.inception_path == "random":
         logger.warning("--inception_path random: random Inception weights, FID/sFID values are meaningless")

@@ -7,7 +7,7 @@ Stage 1 (stock pipeline + the stage-1 LoRA; writes ``<output_root>/<class>/full/
 
 Stage 2 (both branches denoised jointly with the interaction modules active; writes
 ``<output_root>/<class>/<defect>/{image,fg,mask}/NNNN.png``, the mask extracted from fg by
-eval/mask_extraction.py):
+models/mask_extraction.py):
 
     python eval/generate.py stage2 --pretrained_model_name_or_path models/stable-diffusion-v1-5 \
         --weights_dir all_generate/hazelnut/stage2-hole-dual --mvtec_name hazelnut --mvtec_anomaly_name hole
@@ -27,18 +27,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
+import argparse
+import os
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import FG_BACKGROUNDS  # noqa: E402
-from eval.mask_extraction import MaskParams, extract_mask, mask_to_image  # noqa: E402
-from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import raise_if_problems, run_cli  # noqa: E402
-from utils.images import to_pil  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from datasets.mvtec import FG_BACKGROUNDS
+from models.dual_lora_io import LEGACY_FG_BACKGROUND
+
+# the stage-2 sampler lives in models/ (training validates with it too); its names still import from here
+from models.dual_sampling import encode_prompts as encode_prompts
+from models.dual_sampling import sample_pairs
+from models.mask_extraction import MaskParams, extract_mask, mask_to_image
+from models.schedulers import SCHEDULERS, make_scheduler
+from utils.checkpoint import atomic_write
+from utils.cli import raise_if_problems, run_cli
+from utils.images import to_pil
+from utils.logging import get_logger, progress
 
 logger = get_logger("generate")
 # What each preset sets when the flag is not given. "official": DualAnoDiff's inference script (the stock
@@ -48,8 +53,6 @@ PRESETS = {
     "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
 }
 PROMPTS = {"prompt": "a vfx", "prompt_blend": "a vfx with sks", "prompt_fg": "sks", "negative_prompt": ""}
-# fg background of stage-2 weights whose dual_config.json predates --fg_background (they were trained black)
-LEGACY_FG_BACKGROUND = "black"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -177,7 +180,7 @@ def resolve_base_model(args: argparse.Namespace) -> Path:
     from utils.weights import resolve_hf_path, sd15_how_to_get
 
     required = ("model_index.json",)
-    if args.stage == "stage2":  # what models/dual_lora.py:load_dual_unet reads
+    if args.stage == "stage2":  # what models/dual_lora_io.py:load_dual_unet reads
         required = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
     return resolve_hf_path(
         args.pretrained_model_name_or_path, "Stable Diffusion 1.5 base model", sd15_how_to_get(), required
@@ -255,79 +258,8 @@ def run_stage1(args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
-
-
-@torch.no_grad()
-def sample_pairs(
-    components: dict,
-    prompt_blend: str,
-    prompt_fg: str,
-    seeds: list[int],
-    scheduler: str = "ddim",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 2.5,
-    negative_prompt: str = "",
-    resolution: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint denoising of (blend, fg) pairs; returns both decoded batches in [-1, 1], fp32.
-
-    The stage-2 sampler of generation and of the trainers' validation. ``components``: ``dual_unet``,
-    ``vae``, ``tokenizer``, ``text_encoder`` and ``scheduler`` (the model's noise scheduler, whose config
-    :func:`models.schedulers.make_scheduler` turns into the sampler ``scheduler``). As DualAnoDiff's
-    pipeline: the initial noise of sample ``s`` is one draw of shape ``[2, C, h, w]`` (blend, fg) from a
-    generator seeded with ``s``; guidance runs the unconditional and the conditional pairs in one batch
-    (``uncond + w * (cond - uncond)`` per branch); one scheduler steps both branches.
-    """
-    dual, vae = components["dual_unet"], components["vae"]
-    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    device, dtype = dual.device, dual.dtype
-    b = len(seeds)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = resolution or dual.config.sample_size * scale
-    if size % scale:
-        raise ValueError(f"--resolution must be a multiple of {scale}, got {size}")
-    shape = (2, dual.config.in_channels, size // scale, size // scale)
-    # per-sample generators: a sample does not depend on its batch mates
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
-    sched = make_scheduler(scheduler, components["scheduler"].config)
-    sched.set_timesteps(num_inference_steps, device=device)
-    # [blend of every sample; fg of every sample]
-    latents = torch.cat([torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])])
-    latents = (latents * sched.init_noise_sigma).to(device, dtype)
-    emb_b = encode_prompts(tokenizer, text_encoder, [prompt_blend], device).to(dtype).expand(b, -1, -1)
-    emb_f = encode_prompts(tokenizer, text_encoder, [prompt_fg], device).to(dtype).expand(b, -1, -1)
-    use_cfg = guidance_scale > 1.0
-    if use_cfg:
-        emb_u = encode_prompts(tokenizer, text_encoder, [negative_prompt], device).to(dtype).expand(b, -1, -1)
-        emb_b, emb_f = torch.cat([emb_u, emb_b]), torch.cat([emb_u, emb_f])
-    for t in sched.timesteps:
-        x_b, x_f = sched.scale_model_input(latents, t).chunk(2)
-        if use_cfg:
-            x_b, x_f = torch.cat([x_b, x_b]), torch.cat([x_f, x_f])
-        pred_b, pred_f = dual(x_b, x_f, t, emb_b, emb_f)
-        if use_cfg:
-            u, c = pred_b.chunk(2)
-            pred_b = u + guidance_scale * (c - u)
-            u, c = pred_f.chunk(2)
-            pred_f = u + guidance_scale * (c - u)
-        latents = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched)).prev_sample
-    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-    img_b, img_f = images.float().clamp(-1, 1).chunk(2)
-    return img_b, img_f
-
-
 def run_stage2(args: argparse.Namespace) -> Path:
-    from models.dual_lora import load_dual_unet
+    from models.dual_lora_io import load_dual_unet
 
     out = Path(args.output_root) / args.mvtec_name / args.mvtec_anomaly_name
     dirs = {k: out / k for k in ("image", "fg", "mask")}

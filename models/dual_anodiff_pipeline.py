@@ -9,11 +9,11 @@
 
 A diffusers ``DiffusionPipeline`` whose ``unet`` is the stage-2 :class:`models.dual_lora.DualLoRAUNet`:
 both branches are denoised jointly with the interaction modules active, exactly as ``eval/generate.py
-stage2`` does (the same sampler code, ``eval.generate.sample_pairs``; sample ``i`` uses seed ``seed + i``, so
-the pipeline and the CLI give the same images), and the mask is extracted from the fg image with
-``eval/mask_extraction.py``. ``weights_dir`` is a stage-2 ``--output_dir`` or ``checkpoint-<step>/``.
+stage2`` does (the same sampler code, ``models.dual_sampling.sample_pairs``; sample ``i`` uses seed
+``seed + i``, so the pipeline and the CLI give the same images), and the mask is extracted from the fg image
+with ``models/mask_extraction.py``. ``weights_dir`` is a stage-2 ``--output_dir`` or ``checkpoint-<step>/``.
 For a stock ``StableDiffusionPipeline`` (one branch, no interaction) use the per-branch LoRA files instead
-(``models.dual_lora.export_branch_loras``).
+(``models.dual_lora_io.export_branch_loras``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class DualAnoDiffPipeline(DiffusionPipeline):
 
         Nothing is downloaded: a missing base names the files and how to get them.
         """
-        from models.dual_lora import load_dual_unet
+        from models.dual_lora_io import load_dual_unet
 
         comps = load_dual_unet(pretrained_model_name_or_path, weights_dir, device=device, dtype=torch_dtype)
         pipe = cls(
@@ -97,15 +97,15 @@ class DualAnoDiffPipeline(DiffusionPipeline):
         ``output_type``: ``"pil"`` (PIL images, masks as "L" images) or ``"pt"`` (``[N,3,H,W]`` tensors in
         [-1, 1], masks as boolean arrays).
         """
-        from eval.generate import sample_pairs
-        from eval.mask_extraction import MaskParams, extract_mask, mask_to_image
+        from models.dual_lora_io import LEGACY_FG_BACKGROUND
+        from models.dual_sampling import sample_pairs
+        from models.mask_extraction import MaskParams, extract_mask, mask_to_image
         from utils.images import to_pil
 
         if num_images < 1 or batch_size < 1:
             raise ValueError("num_images and batch_size must be >= 1")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        from eval.generate import LEGACY_FG_BACKGROUND
 
         # the fg background the weights were trained with (grey by default; older weights: black)
         background = self.weights_config.get("fg_background", LEGACY_FG_BACKGROUND)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_bytes, record_nbytes
+from datasets.lmdb_cache_format import estimate_cache_bytes, format_bytes, record_nbytes
+from datasets.lmdb_cache_writer import LMDBCacheWriter
 from datasets.sample_csv import SampleRow, read_sample_csv
 from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
 from utils.logging import get_logger, progress
@@ -515,6 +516,75 @@ def add_dino_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         default="float16",
         help="Stored token dtype.",
     )
+
+
+def vae_encoder(args: argparse.Namespace, device: torch.device, prefix: str = "") -> VAELatentEncoder:
+    """The VAE-latent encoder that the flags of :func:`add_vae_args` (same ``prefix``) describe."""
+    return VAELatentEncoder(
+        args.pretrained_model_name_or_path,
+        resolution=getattr(args, f"{prefix}resolution"),
+        dtype=getattr(args, f"{prefix}dtype"),
+        store_moments=args.store_moments,
+        subfolder=args.vae_subfolder,
+        device=device,
+        model_dtype=args.model_dtype,
+    )
+
+
+def dino_encoder(args: argparse.Namespace, device: torch.device, prefix: str = "") -> DinoTokenEncoder:
+    """The DINOv2-token encoder that the flags of :func:`add_dino_args` (same ``prefix``) describe."""
+    return DinoTokenEncoder(
+        args.dinov2_weights,
+        variant=args.variant,
+        resolution=getattr(args, f"{prefix}resolution"),
+        dtype=getattr(args, f"{prefix}dtype"),
+        device=device,
+        model_dtype=args.model_dtype,
+    )
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """One cache of the single-cache CLIs: its flags, its encoder, what its --output_dir holds."""
+
+    label: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    make_encoder: Callable[[argparse.Namespace, torch.device], CacheEncoder]
+    output_help: str
+
+
+CACHE_KINDS = {
+    "vae": CacheKind(
+        label="VAE latents",
+        add_args=add_vae_args,
+        make_encoder=vae_encoder,
+        output_help="Latent cache directory (LMDB shards + metadata.json).",
+    ),
+    "dino": CacheKind(
+        label="DINOv2 tokens",
+        add_args=add_dino_args,
+        make_encoder=dino_encoder,
+        output_help="Token cache directory (LMDB shards + metadata.json).",
+    ),
+}
+
+
+def single_cache_parser(kind: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_job_args(parser)
+    parser.add_argument("--output_dir", required=True, help=CACHE_KINDS[kind].output_help)
+    CACHE_KINDS[kind].add_args(parser)
+    return parser
+
+
+def single_cache_main(kind: str, description: str, argv: list[str] | None = None) -> list[TargetStats]:
+    """``main`` of encode_vae_latents.py (``kind="vae"``) and build_dino_cache.py (``"dino"``): one cache
+    into --output_dir (build_caches.py builds both in one pass, from the same encoders and flags)."""
+    spec = CACHE_KINDS[kind]
+    args = single_cache_parser(kind, description).parse_args(argv)
+    return run_cli_job(args, lambda device: [(spec.make_encoder(args, device), args.output_dir)], spec.label)
 
 
 def job_rows(args: argparse.Namespace) -> tuple[list[SampleRow], list[SampleRow], int, int, Path]:

@@ -17,15 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from datasets.mvtec import SPLIT_RULES, defect_images  # noqa: E402
-from eval.downstream.data import (  # noqa: E402
+from datasets.mvtec import SPLIT_RULES, defect_images
+from eval.downstream.data import (
     DEFAULT_SPLIT_RULE,
     DownstreamDataError,
     GeneratedClassificationDataset,
@@ -34,12 +34,12 @@ from eval.downstream.data import (  # noqa: E402
     load_image_uint8,
     resolve_defects,
 )
-from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, write_csv, write_json  # noqa: E402
-from eval.downstream.resnet import build_resnet34  # noqa: E402
-from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
-from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, write_csv, write_json
+from eval.downstream.resnet import build_resnet34
+from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model
+from train.core import add_core_args, core_config_from_args, make_accelerator
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("downstream.classification")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from collections.abc import Callable
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import SPLIT_RULES, good_images  # noqa: E402
-from eval.downstream.data import (  # noqa: E402
+from datasets.mvtec import SPLIT_RULES, good_images
+from eval.downstream.data import (
     DEFAULT_SPLIT_RULE,
     GeneratedSegmentationDataset,
     PerlinSegmentationDataset,
@@ -39,20 +39,20 @@ from eval.downstream.data import (  # noqa: E402
     resolve_defects,
     texture_images,
 )
-from eval.downstream.metrics import (  # noqa: E402
+from eval.downstream.metrics import (
     AU_PRO_LIMIT,
     IMAGE_SCORE_KERNEL,
     METRIC_NAMES,
     image_scores_from_maps,
     localization_metrics,
 )
-from eval.downstream.report import METRICS_CSV, METRICS_JSON, localization_figure, write_csv, write_json  # noqa: E402
-from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
-from losses.focal import focal_loss  # noqa: E402
-from models.draem_segmentation import DiscriminativeSubNetwork, init_weights  # noqa: E402
-from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from eval.downstream.report import METRICS_CSV, METRICS_JSON, localization_figure, write_csv, write_json
+from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model
+from losses.focal import focal_loss
+from models.draem_segmentation import DiscriminativeSubNetwork, init_weights
+from train.core import add_core_args, core_config_from_args, make_accelerator
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("downstream.localization")
 SOURCES = ("generated", "perlin")

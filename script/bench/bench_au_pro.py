@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import numpy as np
+from scipy import ndimage
 
-from eval.downstream.au_pro import au_pro, trapezoid_to_limit  # noqa: E402
+from eval.downstream.au_pro import au_pro, trapezoid_to_limit
 
 
 def synthetic(n: int, size: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Sampler and guidance come from the flags (``--validation_scheduler``, ``--validation_inference_steps``,
 ``--validation_guidance_scale``); stage 2 samples with the generation code's sampler
-(:func:`eval.generate.sample_pairs`), sample ``i`` with seed ``--seed + i``.
+(:func:`models.dual_sampling.sample_pairs`), sample ``i`` with seed ``--seed + i``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def validate_stage2(
     noise_scheduler,
     step: int,
 ) -> Path:
-    from eval.generate import sample_pairs
+    from models.dual_sampling import sample_pairs
 
     components = {
         "dual_unet": dual_unet,

@@ -18,16 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from typing import Any
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+from torch.utils.data import DataLoader
 
-from models.dinovq import DinoVQModel  # noqa: E402
-from train.core import (  # noqa: E402
+from models.dinovq import DinoVQModel
+from train.core import (
     CoreConfig,
     Optim,
     StepContext,
@@ -41,21 +41,21 @@ from train.core import (  # noqa: E402
     prepare_model,
     run_training,
 )
-from train.core.config import perf_settings  # noqa: E402
-from train.dinovq.config_schema import DinoVQConfig  # noqa: E402
-from train.dinovq.data import (  # noqa: E402
+from train.core.config import perf_settings
+from train.dinovq.config_schema import DinoVQConfig
+from train.dinovq.data import (
     EpochShuffleSampler,
     ImageDataset,
     find_images,
     read_subset_csv,
     split_holdout,
 )
-from train.dinovq.evaluate import evaluate_reconstruction  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.config import add_config_args, load_config, save_config  # noqa: E402
-from utils.images import save_image_grid  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
-from utils.weights import MissingWeightsError  # noqa: E402
+from train.dinovq.evaluate import evaluate_reconstruction
+from utils.cli import run_cli
+from utils.config import add_config_args, load_config, save_config
+from utils.images import save_image_grid
+from utils.logging import get_logger
+from utils.weights import MissingWeightsError
 
 logger = get_logger("dinovq.train")
 
@@ -410,7 +410,7 @@ def build_eval_nets(raw, ecfg, device, is_main):
                 logger.warning("evaluation LPIPS skipped: %s", err)
     if ecfg.get("rfid", True):
         try:
-            from eval.inception import load_inception
+            from models.inception import load_inception
 
             net = load_inception(ecfg.get("inception_path"), device=device)
             inception = lambda x01: net(x01 * 255.0, outputs=("pool",))["pool"]  # noqa: E731
