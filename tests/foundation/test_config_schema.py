@@ -181,5 +181,9 @@ def test_repeated_set_flags_are_all_kept():
     parser = argparse.ArgumentParser()
     add_config_args(parser, default="x.yaml")
     args = parser.parse_args(["--set", "train.lr=1", "train.seed=2", "--set", "train.lr=3"])
-    assert args.overrides == ["train.lr=1", "train.seed=2", "train.lr=3"]  # the later train.lr wins when applied
+    assert args.overrides == [
+        "train.lr=1",
+        "train.seed=2",
+        "train.lr=3",
+    ]  # the later train.lr wins when applied
     assert parser.parse_args([]).overrides == []
