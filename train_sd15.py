@@ -57,7 +57,7 @@ from train.urepa.setup import (  # noqa: E402
     load_vae,
     resolve_sd_dir,
 )
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.config import add_config_args, load_config  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
@@ -130,7 +130,7 @@ def build_data(cfg: dict[str, Any], accelerator, core: CoreConfig):
     batch_size = int(cfg["train"]["batch_size"])
     global_batch = batch_size * accelerator.num_processes * core.gradient_accumulation_steps
     if len(dataset) < global_batch:
-        raise ValueError(
+        raise UserError(
             f"dataset has {len(dataset)} samples, fewer than one global batch "
             f"({batch_size} x {accelerator.num_processes} processes x "
             f"{core.gradient_accumulation_steps} accumulation steps)"

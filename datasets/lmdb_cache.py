@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import atomic_write
+from utils.cli import UserError
 from utils.logging import get_logger
 
 try:  # xxh3 hashes at memory speed (~50 GB/s); zlib's crc32 is ~10x slower (see docs/urepa_preprocessing.md)
@@ -129,8 +130,9 @@ def estimate_cache_bytes(num_records: int, shape: Iterable[int], dtype: str) -> 
     return num_records * per_record
 
 
-class CacheCorruptError(ValueError):
-    """A cache file or record that cannot be used as it is; the message names it and says how to repair it."""
+class CacheCorruptError(UserError, ValueError):
+    """A cache file or record that cannot be used as it is; the message names it and says how to repair it.
+    A user error: entry points end with the message and exit code 2."""
 
 
 class TruncatedShardError(CacheCorruptError):

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_items, val_items = load_items(dcfg)
     augment = bool(dcfg.get("augment", True)) and targets.cache is None
-    train_ds = ImageDataset(train_items, img_size, augment=augment, seed=seed)
+    train_ds = ImageDataset(
+        train_items, img_size, augment=augment, seed=seed, min_size=dcfg["min_image_size"]
+    )
     sampler = EpochShuffleSampler(len(train_ds), seed=seed)
     bs = int(tcfg["batch_size"])
     if len(train_ds) < bs * accelerator.num_processes:
