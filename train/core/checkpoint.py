@@ -176,9 +176,10 @@ def save_checkpoint(
         check_free_space(output_dir, estimate_checkpoint_bytes(output_dir, accelerator, params), state.step)
     try:
         path = atomic_save_state(accelerator, target, write_extra=state.save)
-    except (OSError, RuntimeError) as err:
-        # torch's writer reports ENOSPC as "basic_ios::clear: iostream error" / "file write failed"
-        if isinstance(err, RuntimeError) and not _is_write_error(err):
+    except Exception as err:
+        # torch's writer reports ENOSPC as "basic_ios::clear: iostream error" / "file write failed", safetensors
+        # as SafetensorError("... StorageFull ... No space left on device")
+        if not isinstance(err, OSError) and not _is_write_error(err):
             raise
         shutil.rmtree(partial_dir(target), ignore_errors=True)
         free = shutil.disk_usage(output_dir).free / 2**20
@@ -194,9 +195,12 @@ def save_checkpoint(
     return path
 
 
-def _is_write_error(err: RuntimeError) -> bool:
+def _is_write_error(err: Exception) -> bool:
     text = str(err).lower()
-    return any(w in text for w in ("iostream", "file write failed", "no space", "disk quota"))
+    return any(
+        w in text
+        for w in ("iostream", "file write failed", "no space", "storagefull", "disk quota", "quotaexceeded")
+    )
 
 
 def _reason(err: BaseException) -> str:
@@ -241,9 +245,9 @@ def find_checkpoint(output_dir: str | os.PathLike, value: str | None) -> Path | 
 
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
     """Verify ``path`` (checksums, safetensors headers, no pickled code) and load it into the prepared objects."""
+    check_safe_to_load(path, accelerator.process_index)  # first: names a crafted pickle as such
     state = TrainerState.load(path)
     verify_checkpoint(path, state)
-    check_safe_to_load(path, accelerator.process_index)
     accelerator.load_state(str(path))
     logger.info("resumed from %s at step %d", path, state.step)
     return state
