@@ -94,7 +94,7 @@ def test_trainer_flags(tmp_path):
 
 
 def _stage_main(script: str):
-    from tests.core.trainers import REPO, Trainer
+    from tests.core.trainers import Trainer
 
     return Trainer(script.split("/")[1], script, "", lambda *a: []).main()
 
