@@ -251,11 +251,3 @@ def load_checkpoint(accelerator, path: Path) -> TrainerState:
     accelerator.load_state(str(path))
     logger.info("resumed from %s at step %d", path, state.step)
     return state
-
-
-def resume(accelerator, output_dir: str | os.PathLike, value: str | None) -> tuple[TrainerState, Path | None]:
-    """Load ``--resume_from_checkpoint`` (``latest`` or a path) into the prepared objects; fresh state if none."""
-    path = find_checkpoint(output_dir, value)
-    if path is None:
-        return TrainerState(), None
-    return load_checkpoint(accelerator, path), path
