@@ -57,8 +57,8 @@ from train.urepa.setup import (
     load_vae,
     resolve_sd_dir,
 )
-from utils.cli import run_cli
-from utils.config import add_config_args, load_config, save_config
+from utils.cli import UserError, run_cli
+from utils.config import add_config_args, load_config
 from utils.logging import get_logger
 
 logger = get_logger("train_sd15")
@@ -88,6 +88,7 @@ def core_config(cfg: dict[str, Any]) -> CoreConfig:
         checkpoints_total_limit=t.get("checkpoints_total_limit"),
         resume_from_checkpoint=t.get("resume_from_checkpoint"),
         overwrite_output_dir=bool(t.get("overwrite_output_dir", False)),
+        allow_config_change=bool(t.get("allow_config_change", False)),
         report_to="tensorboard",
         log_every=int(t["log_every"]),
         max_consecutive_nonfinite=int(t["max_consecutive_nonfinite"]),
@@ -129,7 +130,7 @@ def build_data(cfg: dict[str, Any], accelerator, core: CoreConfig):
     batch_size = int(cfg["train"]["batch_size"])
     global_batch = batch_size * accelerator.num_processes * core.gradient_accumulation_steps
     if len(dataset) < global_batch:
-        raise ValueError(
+        raise UserError(
             f"dataset has {len(dataset)} samples, fewer than one global batch "
             f"({batch_size} x {accelerator.num_processes} processes x "
             f"{core.gradient_accumulation_steps} accumulation steps)"
@@ -322,8 +323,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         core, dataloader_config=_seedable_loader(core.seed)
     )  # seeds the RNGs before any module is built
     dataset, table, loader, D, grid = build_data(cfg, accelerator, core)
-    if accelerator.is_main_process:
-        save_config(cfg, Path(core.output_dir) / "config.yaml")
     model, criterion, sd_dir = build_model(cfg, accelerator, D, grid, table)
     prepare_model(model, core)  # perf.channels_last / skip_lora_input_cast / compile
     params = [p for p in model.parameters() if p.requires_grad]

@@ -20,6 +20,8 @@ import lmdb
 import numpy as np
 import torch
 
+from utils.cli import UserError
+
 try:  # xxh3 hashes at memory speed (~50 GB/s); zlib's crc32 is ~10x slower (see docs/urepa_preprocessing.md)
     import xxhash
 except ImportError:  # pragma: no cover - xxhash is in requirements.txt
@@ -88,8 +90,9 @@ def estimate_cache_bytes(num_records: int, shape: Iterable[int], dtype: str) -> 
     return num_records * per_record
 
 
-class CacheCorruptError(ValueError):
-    """A cache file or record that cannot be used as it is; the message names it and says how to repair it."""
+class CacheCorruptError(UserError, ValueError):
+    """A cache file or record that cannot be used as it is; the message names it and says how to repair it.
+    A user error: entry points end with the message and exit code 2."""
 
 
 class TruncatedShardError(CacheCorruptError):

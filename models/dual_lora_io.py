@@ -227,6 +227,12 @@ def branch_lora_state_dict(model: nn.Module, branch: str) -> dict[str, torch.Ten
     return state
 
 
+def _ordered(metadata: dict[str, Any]) -> dict[str, Any]:
+    """peft keeps ``target_modules`` as a set, which diffusers writes with ``list(set)``: an order that follows
+    the per-process string hash, so two same-seed exports differed in bytes. Sorted lists are stable."""
+    return {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in metadata.items()}
+
+
 def export_branch_loras(
     model: nn.Module, text_encoder: nn.Module | None, out_dir: str | os.PathLike
 ) -> dict[str, Path]:
@@ -247,14 +253,16 @@ def export_branch_loras(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = sorted(model.lora_layers())
-    unet_metadata = LoraConfig(r=model.rank, lora_alpha=model.alpha, target_modules=modules).to_dict()
+    unet_metadata = _ordered(
+        LoraConfig(r=model.rank, lora_alpha=model.alpha, target_modules=modules).to_dict()
+    )
     te_layers = te_metadata = None
     if text_encoder is not None:
         te = _unwrap(text_encoder)
         te_layers = {k: v.detach().float().cpu().clone() for k, v in text_encoder_lora_state_dict(te).items()}
         if not te_layers:
             raise ValueError("export_branch_loras: the text encoder has no LoRA adapter (pass None)")
-        te_metadata = te.peft_config["default"].to_dict()
+        te_metadata = _ordered(te.peft_config["default"].to_dict())
     paths = {}
     for branch, name in BRANCH_LORA_NAMES.items():
         # Written into a temporary directory and renamed over the final name: no half-written file.

@@ -149,3 +149,23 @@ def pipe_image(x):
     from utils.images import to_pil
 
     return to_pil(x, (-1.0, 1.0))
+
+
+def test_branch_lora_export_bytes_do_not_depend_on_the_string_hash(tiny_assets, trained, tmp_path):
+    """Issue 21 R11: peft's target_modules is a set, written by diffusers as ``list(set)`` -- an order that
+    follows PYTHONHASHSEED, so two same-seed runs exported different bytes. Sorted lists are stable."""
+    import json
+
+    from safetensors import safe_open
+
+    from models.dual_lora import BRANCH_LORA_NAMES, export_branch_loras
+
+    dual, te, _ = trained
+    export_branch_loras(dual, te, tmp_path)
+    for name in BRANCH_LORA_NAMES.values():
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        lists = {k: v for k, v in meta.items() if k.endswith("target_modules")}
+        assert set(lists) == {"unet.target_modules", "text_encoder.target_modules"}
+        for key, modules in lists.items():
+            assert len(modules) > 1 and modules == sorted(modules), (key, modules)

@@ -87,3 +87,11 @@ def test_save_lora_weights_through_diffusers(tiny_assets, tmp_path):
         ref = model.unet(x, t, encoder_hidden_states=e).sample
     out, _ = _stock_unet_output(tiny_assets, tmp_path, weight_name="urepa_lora.safetensors")
     assert (out - ref).abs().max().item() <= 1e-5  # alpha != rank is carried by the adapter metadata
+
+
+def test_lora_metadata_target_modules_are_sorted(tiny_assets):
+    """Issue 21 (as R11 for stage 2): peft's target_modules set was written in string-hash order, so two
+    same-seed runs' LoRA files differed in bytes; sorted, the metadata is the same in every process."""
+    meta = _trained_model(tiny_assets, rank=4, alpha=4).lora_adapter_metadata()
+    modules = meta["target_modules"]
+    assert isinstance(modules, list) and len(modules) > 1 and modules == sorted(modules)

@@ -25,9 +25,23 @@ from typing import Any
 import torch
 
 from train.core import perf
-from train.core.checkpoint import LOSS_LOG_NAME, TrainerState, resume, save_checkpoint
+from train.core.checkpoint import (
+    LOSS_LOG_NAME,
+    TrainerState,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from train.core.config import CoreConfig
 from train.core.data import step_generator
+from train.core.lock import RunLock
+from train.core.run_config import (
+    apply_new_hyperparameters,
+    check_resume_config,
+    hyperparameters,
+    record_config,
+    recorded_config,
+)
 from utils.checkpoint import atomic_write
 from utils.logging import get_main_process_logger, progress
 
@@ -99,7 +113,9 @@ class Task:
     after_update: Callable[[int], None] | None = None  # after each applied optimizer step (EMA)
     on_step_end: Callable[[int], None] | None = None  # every step, all ranks (validation, grids, eval)
     save_final: Callable[[], None] | None = None  # main process, once max_steps is reached
+    # the run's full settings: recorded as <output_dir>/config.yaml, compared on resume, sent to the trackers
     tracker_config: dict[str, Any] = field(default_factory=dict)
+    step_logs: tuple[str, ...] = ()  # more step-keyed JSONL logs in output_dir cut back on resume (eval logs)
 
 
 def _log_line_filter(path: Path, keep_up_to: int) -> None:
@@ -109,7 +125,7 @@ def _log_line_filter(path: Path, keep_up_to: int) -> None:
     kept = [
         line
         for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= keep_up_to
+        if line.strip() and json.loads(line).get("step", 0) <= keep_up_to
     ]
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -239,13 +255,32 @@ def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) 
     """
     logger = get_main_process_logger("train.core")
     out_dir = Path(cfg.output_dir)
-    state, resumed_from = resume(accelerator, out_dir, cfg.resume_from_checkpoint)
+    try:
+        return _run(accelerator, cfg, task, start_step, logger, out_dir)
+    finally:
+        if accelerator.is_main_process:
+            RunLock(out_dir).release()  # taken by make_accelerator
+
+
+def _run(
+    accelerator, cfg: CoreConfig, task: Task, start_step: int, logger, out_dir: Path
+) -> dict[str, float]:
+    resumed_from = find_checkpoint(out_dir, cfg.resume_from_checkpoint)
     if resumed_from is None:
-        state.step = start_step
-    if resumed_from is not None and task.load_state_extra is not None:
-        task.load_state_extra(state.extra, resumed_from)
+        state = TrainerState(step=start_step)
+    else:
+        old, where = recorded_config(resumed_from)
+        changes = check_resume_config(old, task.tracker_config, where, cfg.allow_config_change, logger)
+        new_hyperparameters = hyperparameters(task.optims)
+        state = load_checkpoint(accelerator, resumed_from)
+        if changes:
+            apply_new_hyperparameters(task.optims, new_hyperparameters)
+        if task.load_state_extra is not None:
+            task.load_state_extra(state.extra, resumed_from)
     if accelerator.is_main_process:
-        _log_line_filter(out_dir / LOSS_LOG_NAME, state.step)
+        record_config(out_dir, task.tracker_config)
+        for name in (LOSS_LOG_NAME, *task.step_logs):
+            _log_line_filter(out_dir / name, state.step)
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.init_trackers(cfg.project_name, config=_flat_config(task.tracker_config))

@@ -16,6 +16,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from losses.patchgan import D_LOSSES, G_LOSSES
 from train.core.config import PerfSection
 from utils.config import ConfigSection
+from utils.images import DEFAULT_MIN_IMAGE_SIZE
 
 NonNegative = Annotated[float, Field(ge=0.0)]
 
@@ -64,6 +65,9 @@ class DataSection(ConfigSection):
     val_size: NonNegativeInt = 500  # held out from the training images when no val_dir/val_csv is given
     augment: bool = True
     num_workers: NonNegativeInt = 8
+    min_image_size: PositiveInt = (
+        DEFAULT_MIN_IMAGE_SIZE  # a training image with a shorter side is skipped, named
+    )
 
 
 class DinoSection(ConfigSection):

@@ -52,7 +52,7 @@ from train.dinovq.data import (
 )
 from train.dinovq.evaluate import evaluate_reconstruction
 from utils.cli import run_cli
-from utils.config import add_config_args, load_config, save_config
+from utils.config import add_config_args, load_config
 from utils.images import save_image_grid
 from utils.logging import get_logger
 from utils.weights import MissingWeightsError
@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite_output_dir",
         action="store_true",
         help="Start fresh in an output dir that already holds a run (its checkpoints and logs are deleted).",
+    )
+    parser.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="Resume although settings the checkpoint would override changed (learning rate, schedule, batch "
+        "size, ...); the new values apply and the change is logged (docs/training_core.md, Guarantees).",
     )
     parser.add_argument(
         "--dino_cache",
@@ -207,6 +213,7 @@ def core_config(cfg: dict[str, Any], args: argparse.Namespace) -> CoreConfig:
         checkpoints_total_limit=t.get("checkpoints_total_limit"),
         resume_from_checkpoint=t.get("resume_from_checkpoint"),
         overwrite_output_dir=bool(args.overwrite_output_dir),
+        allow_config_change=bool(args.allow_config_change),
         log_every=int(t.get("log_every", 10)),
         max_consecutive_nonfinite=int(t.get("max_consecutive_nonfinite", 5)),
         stop_at_step=args.stop_at_step,
@@ -239,7 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_items, val_items = load_items(dcfg)
     augment = bool(dcfg.get("augment", True)) and targets.cache is None
-    train_ds = ImageDataset(train_items, img_size, augment=augment, seed=seed)
+    train_ds = ImageDataset(
+        train_items, img_size, augment=augment, seed=seed, min_size=dcfg["min_image_size"]
+    )
     sampler = EpochShuffleSampler(len(train_ds), seed=seed)
     bs = int(tcfg["batch_size"])
     if len(train_ds) < bs * accelerator.num_processes:
@@ -305,8 +314,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             Optim("discriminator", prepared[4], prepared[5], disc_params, max_norm, active=disc_active(raw))
         )
 
-    if accelerator.is_main_process:
-        save_config({**cfg, "model": mcfg}, output_dir / "config.yaml")
     lpips_fn, inception = build_eval_nets(raw, ecfg, device, accelerator.is_main_process)
     last_metrics: dict[str, float] = {}
 
@@ -344,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             optims=optims,
             train_modules=[model],
             on_step_end=on_step_end,
-            tracker_config={**cfg, "model": mcfg},
+            tracker_config={**cfg, "model": mcfg},  # recorded as config.yaml by the core
+            step_logs=("eval_log.jsonl",),
         ),
     )
     if accelerator.is_main_process:

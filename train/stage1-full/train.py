@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         flip=args.flip,
         resize_mode=args.resize_mode,
         max_pixels=args.max_image_pixels,
+        min_size=args.min_image_size,
     )
     logger.info("%d train/good images of %s", len(dataset), args.mvtec_name)
     comps = load_sd_components(args.pretrained_model_name_or_path)

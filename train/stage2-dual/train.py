@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         resize_mode=args.resize_mode,
         fg_background=args.fg_background,
         max_pixels=args.max_image_pixels,
+        min_size=args.min_image_size,
         mask_size_mismatch=args.mask_size_mismatch,
     )
     logger.info(

@@ -115,6 +115,9 @@ class TrainSection(ConfigSection):
     checkpoints_total_limit: PositiveInt | None = 5
     resume_from_checkpoint: str | None = "latest"  # latest | a checkpoint dir | null
     overwrite_output_dir: bool = False  # true: start fresh in a dir holding a run (its checkpoints deleted)
+    allow_config_change: bool = (
+        False  # true: resume although lr/schedule/batch/LoRA settings changed (applied)
+    )
     max_consecutive_nonfinite: PositiveInt = 20  # non-finite steps are skipped; stop after this many in a row
     stop_at_step: PositiveInt | None = None
     sample_every: NonNegativeInt = 5000  # 0 disables sample grids
