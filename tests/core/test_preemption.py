@@ -158,3 +158,55 @@ def test_two_processes_stop_together_when_one_rank_is_signalled(tiny_assets, tmp
     step = _preempted_checkpoint(out)
     ckpt = out / f"checkpoint-{step}"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+
+
+def _fake_slurm(bin_dir: Path, log: Path) -> dict[str, str]:
+    """``srun`` that runs its command here (signals reach it as they would reach srun's tasks) and ``scontrol``
+    that records what it was asked."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        ACCELERATE=str(Path(sys.executable).with_name("accelerate")),
+        SLURM_JOB_ID="4242",
+        CONFIG="configs/accelerate/cpu_2proc.yaml",
+        PROCS_PER_NODE="2",
+        MAIN_PROCESS_IP="127.0.0.1",
+        MAIN_PROCESS_PORT=str(_free_port()),
+    )
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sbatch_passes_usr1_on_requeues_and_the_next_start_resumes(tiny_assets, tmp_path):
+    sbatch = REPO / "script" / "slurm" / "train_multinode.sbatch"
+    header = [line for line in sbatch.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
+    name, out, log = "latent_head", tmp_path / "run", tmp_path / "scontrol.log"
+    t = TRAINERS[name]
+    argv = [t.script, *t.argv(tiny_assets, out, 10_000, "latest", RARE_CHECKPOINTS[name])]
+    env = _fake_slurm(tmp_path / "bin", log)
+    steps = []
+    for start in range(2):  # the submitted job, then its requeued start (same command)
+        proc = subprocess.Popen(
+            ["bash", str(sbatch), *argv], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        )
+        _wait_for_step(out, proc, step=(steps[-1] if steps else 0) + 1)
+        proc.send_signal(signal.SIGUSR1)  # what `--signal=B:USR1@300` does 5 minutes before the limit
+        _, stderr = proc.communicate(timeout=300)
+        assert "exitcode  : 75" in stderr, stderr[-3000:]
+        assert log.read_text().splitlines() == ["requeue 4242"] * (start + 1)
+        steps.append(_preempted_checkpoint(out))  # checkpoints_total_limit 1: the newest only
+    assert steps[1] > steps[0]  # the requeued start resumed from checkpoint-<steps[0]> and went on
+    assert [r["step"] for r in log_rows(out)] == list(range(1, steps[1] + 1))  # each step logged once
