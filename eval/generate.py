@@ -172,9 +172,9 @@ def _save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def my_batches(args: argparse.Namespace, state, done) -> list[list[int]]:
+def my_batches(args: argparse.Namespace, state, done, folders: list[Path]) -> list[list[int]]:
     """This process's share of the fixed batches that still miss a file (eval/sharding.py)."""
-    batches, existing = batches_for_this_process(args.num_images, args.batch_size, done, state)
+    batches, existing = batches_for_this_process(args.num_images, args.batch_size, done, state, folders)
     if existing and state.is_main_process:
         logger.info("resuming: %d of %d already exist", existing, args.num_images)
     return batches
@@ -238,7 +238,7 @@ def load_stage1_pipeline(args: argparse.Namespace):
 
 def run_stage1(args: argparse.Namespace, state) -> Path:
     out_dir = Path(args.output_root) / args.mvtec_name / "full"
-    batches = my_batches(args, state, lambda i: (out_dir / f"{i:04d}.png").is_file())
+    batches = my_batches(args, state, lambda i: (out_dir / f"{i:04d}.png").is_file(), [out_dir])
     if not batches:
         state.wait_for_everyone()
         logger.info("nothing to do: %d images in %s", args.num_images, out_dir)
@@ -309,8 +309,9 @@ def sample_pairs(
     if size % scale:
         raise ValueError(f"--resolution must be a multiple of {scale}, got {size}")
     shape = (2, dual.config.in_channels, size // scale, size // scale)
-    # per-sample generators: a sample does not depend on its batch mates
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    # per-sample generators: a sample does not depend on its batch mates (nor on the process that draws it)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = [torch.randn(shape, generator=g) for g in gens]
     sched = make_scheduler(scheduler, components["scheduler"].config)
     sched.set_timesteps(num_inference_steps, device=device)
     # [blend of every sample; fg of every sample]
@@ -332,7 +333,9 @@ def sample_pairs(
             pred_b = u + guidance_scale * (c - u)
             u, c = pred_f.chunk(2)
             pred_f = u + guidance_scale * (c - u)
-        latents = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched)).prev_sample
+        # stochastic samplers (ddpm) draw each row's step noise from its sample's generator, not the global RNG
+        step = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched, gens + gens))
+        latents = step.prev_sample
     images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     img_b, img_f = images.float().clamp(-1, 1).chunk(2)
     return img_b, img_f
@@ -348,7 +351,7 @@ def run_stage2(args: argparse.Namespace, state) -> Path:
     def done(i: int) -> bool:
         return all((d / f"{i:04d}.png").is_file() for d in dirs.values())
 
-    batches = my_batches(args, state, done)
+    batches = my_batches(args, state, done, list(dirs.values()))
     if not batches:
         state.wait_for_everyone()
         logger.info("nothing to do: %d triplets in %s", args.num_images, out)

@@ -20,7 +20,9 @@ process (after a barrier), from per-batch feature files where extracting feature
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -31,9 +33,13 @@ def process_state():
     ``cpu=True`` without a GPU, as the training core: ``accelerate launch --multi_gpu`` then forms one gloo group
     on a CPU machine instead of N independent "main" processes.
     """
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    # the other processes wait at a barrier while the main one computes metrics (reference statistics of
+    # 50k images, IC-LPIPS): longer than torch's default 10-30 min collective timeout
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=4))
 
 
 def sample_device(device: str | None, state) -> torch.device:
@@ -48,13 +54,25 @@ def fixed_batches(num: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, num))) for s in range(0, num, batch_size)]
 
 
+def remove_partial_files(folders: list[Path]) -> int:
+    """Delete what a killed job left of ``utils.checkpoint.atomic_write`` (hidden ``.<name>.*.tmp`` folders)."""
+    stale = [d for f in folders if f.is_dir() for d in f.glob(".*.tmp") if d.is_dir()]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
+
+
 def batches_for_this_process(
-    num: int, batch_size: int, done: Callable[[int], bool], state
+    num: int, batch_size: int, done: Callable[[int], bool], state, folders: list[Path] = ()
 ) -> tuple[list[list[int]], int]:
     """(this process's batches with at least one sample not ``done``, how many samples exist already).
 
-    Every process lists the files, then waits for the others, so no process sees another's new files.
+    The main process first removes partial files a killed job left in ``folders``; every process lists the
+    files, then waits for the others, so no process sees another's new files.
     """
+    if state.is_main_process:
+        remove_partial_files(list(folders))
+    state.wait_for_everyone()
     exists = [done(i) for i in range(num)]
     todo = [b for b in fixed_batches(num, batch_size) if not all(exists[i] for i in b)]
     state.wait_for_everyone()
