@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Flags after -- go to eval/evaluate_sd15.py unchanged (sampling, FID, Inception ...).",
+        epilog="Flags after -- go to eval/evaluate_sd15.py unchanged, e.g. --ref_dir --num_ref --num_samples "
+        "--sampler --num_steps --cfg_scale --guidance_low --guidance_high --batch_size --seed --mixed_precision "
+        "--allow_tf32 --inception_path --fid_mode --stats_cache --grid_classes (see its --help).",
     )
     p.add_argument("--run_dir", nargs="+", required=True, help="train_sd15.py output_dir(s) of aligned runs.")
     p.add_argument("--baseline_dir", nargs="*", default=[], help="output_dir(s) of baseline (lambda 0) runs.")
