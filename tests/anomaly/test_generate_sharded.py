@@ -74,6 +74,19 @@ def lora_dir(tiny_assets, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_assets, dual_weights, lora_dir):
+    """The models of both stages, loaded once for the in-process tests below."""
+    import eval.generate as gen
+    from models.dual_lora import load_dual_unet
+
+    args = gen.parse_args(stage_argv("stage1", tiny_assets, lora_dir, Path("unused"), 1, "--device", "cpu"))
+    return {
+        "stage1": gen.load_stage1_pipeline(args),
+        "stage2": load_dual_unet(tiny_assets["sd15"], dual_weights),
+    }
+
+
 def stage_argv(stage: str, tiny_assets, weights: Path, out: Path, num: int, *extra: str) -> list[str]:
     argv = [stage, "--pretrained_model_name_or_path", str(tiny_assets["sd15"]), "--mvtec_name", "hazelnut"]
     argv += ["--lora_dir", str(weights)] if stage == "stage1" else ["--weights_dir", str(weights)]
@@ -121,10 +134,18 @@ class FakeShard:
     ],
 )
 def test_two_shards_write_what_one_process_writes(
-    stage, flags, tiny_assets, dual_weights, lora_dir, tmp_path
+    stage, flags, tiny_assets, dual_weights, lora_dir, loaded, tmp_path, monkeypatch
 ):
     import eval.generate as gen
+    import models.dual_lora
+    from models.schedulers import make_scheduler
 
+    def stage1_pipeline(args):  # loaded once per module; the sampler as the flags say
+        loaded["stage1"].scheduler = make_scheduler(args.scheduler, loaded["stage1"].scheduler.config)
+        return loaded["stage1"]
+
+    monkeypatch.setattr(gen, "load_stage1_pipeline", stage1_pipeline)
+    monkeypatch.setattr(models.dual_lora, "load_dual_unet", lambda *a, **k: loaded["stage2"])
     weights = lora_dir if stage == "stage1" else dual_weights
     run = gen.run_stage1 if stage == "stage1" else gen.run_stage2
     one, two = tmp_path / "one", tmp_path / "two"
