@@ -161,20 +161,18 @@ def test_watcher_evaluates_each_new_checkpoint_once(tiny_runs, tiny_assets, tmp_
 
     for key, value in _subprocess_env(tmp_path).items():  # the evaluations run as subprocesses
         monkeypatch.setenv(key, value)
-
     out = tmp_path / "curve"
     argv = ["--run_dir", str(tiny_runs["aligned"]), "--baseline_dir", str(tiny_runs["baseline"])]
-    argv += ["--out_dir", str(out), "--every", "1", "--once", "--"]
+    argv += ["--out_dir", str(out), "--every", "2", "--once", "--"]
     argv += eval_argv(tiny_assets, tmp_path, out)[2:]  # without its --out_dir
     argv[argv.index("--num_samples") + 1] = "2"
     (out / tiny_runs["aligned"].name).mkdir(parents=True)
-    done = out / tiny_runs["aligned"].name / "checkpoint-1.json"
-    done.write_text(json.dumps({"run": "aligned:run_aligned", "step": 1, "fid": 1.0, "sfid": 1.0}))
-    assert main(argv) == 3  # aligned step 2, baseline steps 1 and 2; aligned step 1 had a result
+    done = out / tiny_runs["aligned"].name / "checkpoint-2.json"  # as if evaluated at an earlier poll
+    done.write_text(json.dumps({"run": "aligned:run_aligned", "step": 2, "fid": 1.0, "sfid": 1.0}))
+    assert main(argv) == 1  # baseline step 2 only: steps 1 are not multiples of --every, aligned 2 is done
     assert json.loads(done.read_text())["fid"] == 1.0  # not evaluated again
-    runs = {
-        r["run"]: r["step"] for r in map(json.loads, map(Path.read_text, out.glob("*/checkpoint-*.json")))
-    }
-    assert set(runs) == {"aligned:run_aligned", "baseline:run_baseline"}
-    assert (out / "fid_vs_step.png").is_file()
+    baseline = json.loads((out / tiny_runs["baseline"].name / "checkpoint-2.json").read_text())
+    assert baseline["run"] == "baseline:run_baseline" and np.isfinite(baseline["fid"])
+    assert not list(out.glob("*/checkpoint-1.json"))
+    assert (out / "fid_vs_step.png").is_file()  # redrawn from both runs' results
     assert main(argv) == 0  # nothing new
