@@ -16,8 +16,13 @@ Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 ste
 ``--preset official`` (DualAnoDiff's inference: PNDM, 100 steps, guidance 2.5, prompts "a vfx with sks" /
 "sks", unconditional prompt ""); script/inference/*.sh use ``official``.
 
-Resumable: sample ``i`` uses its own seed ``--seed + i``, indices whose files exist are skipped, files are
-written atomically, so an interrupted run continues with the same images an uninterrupted run would write.
+Resumable and shardable (eval/sharding.py): sample ``i`` uses its own seed ``--seed + i`` and always falls in
+batch ``i // --batch_size``; each file is written atomically as soon as its batch is made; a batch with a
+missing file is made again whole and only the missing files are written. So an interrupted run continues with
+the bytes an uninterrupted run would write, and ``accelerate launch`` on N processes / nodes (batches dealt out
+round-robin) writes the same files as one process:
+
+    accelerate launch --config_file configs/accelerate/8gpu_ddp.yaml eval/generate.py stage2 ...
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import torch
 
 from datasets.mvtec import FG_BACKGROUNDS
+from eval.sharding import batches_for_this_process, process_state, sample_device
 from models.dual_lora_io import LEGACY_FG_BACKGROUND
 
 # the stage-2 sampler lives in models/ (training validates with it too); its names still import from here
@@ -90,7 +96,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resolution", type=int, default=None, help="output size (default: the U-Net's native size)"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device of a one-process run (default: cuda if available, else cpu); under accelerate "
+        "launch every process uses its own GPU",
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -164,13 +175,12 @@ def _save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def pending_indices(num_images: int, done) -> list[int]:
-    todo = [i for i in range(num_images) if not done(i)]
-    if len(todo) < num_images:
-        logger.info(
-            "resuming: %d of %d already exist, %d to generate", num_images - len(todo), num_images, len(todo)
-        )
-    return todo
+def my_batches(args: argparse.Namespace, state, done, folders: list[Path]) -> list[list[int]]:
+    """This process's share of the fixed batches that still miss a file (eval/sharding.py)."""
+    batches, existing = batches_for_this_process(args.num_images, args.batch_size, done, state, folders)
+    if existing and state.is_main_process:
+        logger.info("resuming: %d of %d already exist", existing, args.num_images)
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- stage 1
@@ -229,16 +239,16 @@ def load_stage1_pipeline(args: argparse.Namespace):
     return pipe.to(args.device)
 
 
-def run_stage1(args: argparse.Namespace) -> Path:
+def run_stage1(args: argparse.Namespace, state) -> Path:
     out_dir = Path(args.output_root) / args.mvtec_name / "full"
-    todo = pending_indices(args.num_images, lambda i: (out_dir / f"{i:04d}.png").is_file())
-    if not todo:
+    batches = my_batches(args, state, lambda i: (out_dir / f"{i:04d}.png").is_file(), [out_dir])
+    if not batches:
+        state.wait_for_everyone()
         logger.info("nothing to do: %d images in %s", args.num_images, out_dir)
         return out_dir
     pipe = load_stage1_pipeline(args)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for s in progress(range(0, len(todo), args.batch_size), desc="stage1", unit="batch"):
-        idx = todo[s : s + args.batch_size]
+    for idx in progress(batches, desc="stage1", unit="batch", disable=not state.is_local_main_process):
         gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
         images = pipe(
             [args.prompt] * len(idx),
@@ -250,7 +260,9 @@ def run_stage1(args: argparse.Namespace) -> Path:
             generator=gens,
         ).images
         for i, img in zip(idx, images):
-            _save_png(img, out_dir / f"{i:04d}.png")
+            if not (out_dir / f"{i:04d}.png").is_file():  # a resumed batch: its existing files stay
+                _save_png(img, out_dir / f"{i:04d}.png")
+    state.wait_for_everyone()
     logger.info("stage 1: %d images in %s", args.num_images, out_dir)
     return out_dir
 
@@ -258,16 +270,19 @@ def run_stage1(args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-def run_stage2(args: argparse.Namespace) -> Path:
+def run_stage2(args: argparse.Namespace, state) -> Path:
     from models.dual_lora_io import load_dual_unet
 
     out = Path(args.output_root) / args.mvtec_name / args.mvtec_anomaly_name
     dirs = {k: out / k for k in ("image", "fg", "mask")}
+
     # The mask is written last, so its presence means the whole triplet is there.
-    todo = pending_indices(
-        args.num_images, lambda i: all((d / f"{i:04d}.png").is_file() for d in dirs.values())
-    )
-    if not todo:
+    def done(i: int) -> bool:
+        return all((d / f"{i:04d}.png").is_file() for d in dirs.values())
+
+    batches = my_batches(args, state, done, list(dirs.values()))
+    if not batches:
+        state.wait_for_everyone()
         logger.info("nothing to do: %d triplets in %s", args.num_images, out)
         return out
     components = load_dual_unet(
@@ -281,8 +296,7 @@ def run_stage2(args: argparse.Namespace) -> Path:
         threshold=args.mask_threshold,
         min_area_fraction=args.mask_min_area_fraction,
     )
-    for s in progress(range(0, len(todo), args.batch_size), desc="stage2", unit="batch"):
-        idx = todo[s : s + args.batch_size]
+    for idx in progress(batches, desc="stage2", unit="batch", disable=not state.is_local_main_process):
         blend, fg = sample_pairs(
             components,
             args.prompt_blend,
@@ -295,10 +309,13 @@ def run_stage2(args: argparse.Namespace) -> Path:
             args.resolution,
         )
         for k, i in enumerate(idx):
+            if done(i):  # a resumed batch: its complete triplets stay as they are
+                continue
             fg_img = to_pil(fg[k], (-1.0, 1.0))
             _save_png(to_pil(blend[k], (-1.0, 1.0)), dirs["image"] / f"{i:04d}.png")
             _save_png(fg_img, dirs["fg"] / f"{i:04d}.png")
             _save_png(mask_to_image(extract_mask(fg_img, params)), dirs["mask"] / f"{i:04d}.png")
+    state.wait_for_everyone()
     logger.info("stage 2: %d triplets in %s", args.num_images, out)
     return out
 
@@ -306,7 +323,9 @@ def run_stage2(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_inputs(args)
-    return run_stage1(args) if args.stage == "stage1" else run_stage2(args)
+    state = process_state()
+    args.device = str(sample_device(args.device, state))
+    return run_stage1(args, state) if args.stage == "stage1" else run_stage2(args, state)
 
 
 if __name__ == "__main__":

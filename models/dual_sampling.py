@@ -54,8 +54,9 @@ def sample_pairs(
     if size % scale:
         raise ValueError(f"--resolution must be a multiple of {scale}, got {size}")
     shape = (2, dual.config.in_channels, size // scale, size // scale)
-    # per-sample generators: a sample does not depend on its batch mates
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    # per-sample generators: a sample does not depend on its batch mates (nor on the process that draws it)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = [torch.randn(shape, generator=g) for g in gens]
     sched = make_scheduler(scheduler, components["scheduler"].config)
     sched.set_timesteps(num_inference_steps, device=device)
     # [blend of every sample; fg of every sample]
@@ -77,7 +78,9 @@ def sample_pairs(
             pred_b = u + guidance_scale * (c - u)
             u, c = pred_f.chunk(2)
             pred_f = u + guidance_scale * (c - u)
-        latents = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched)).prev_sample
+        # stochastic samplers (ddpm) draw each row's step noise from its sample's generator, not the global RNG
+        step = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched, gens + gens))
+        latents = step.prev_sample
     images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     img_b, img_f = images.float().clamp(-1, 1).chunk(2)
     return img_b, img_f

@@ -8,6 +8,7 @@ for each optimizer step:
         yes: clip, optimizer.step, LR step, after_update (EMA)      no: skip, count, stop after K in a row
     log every log_every steps (losses.jsonl, trackers, tqdm); checkpoint every checkpointing_steps
     on_step_end(step)                                               (validation, sample grids, evaluation)
+    SIGTERM/SIGUSR1/SIGINT seen by any rank: checkpoint this step, exit 75 (train/core/preempt.py)
 save_final()
 """
 
@@ -35,6 +36,7 @@ from train.core.checkpoint import (
 from train.core.config import CoreConfig
 from train.core.data import step_generator
 from train.core.lock import RunLock
+from train.core.preempt import Preempted, PreemptionHandler
 from train.core.run_config import (
     apply_new_hyperparameters,
     check_resume_config,
@@ -152,13 +154,19 @@ class _Guard:
         self.consecutive = 0
         # Under fp16 the GradScaler skips overflowing steps itself (and must see them to lower its scale).
         self.check_grads = accelerator.mixed_precision != "fp16"
+        self.preemption: PreemptionHandler | None = None  # its flag rides on this all-reduce
+        self.preempt_now = False  # some rank received a stop signal: every rank stops after this step
 
     def step_is_finite(self, loss: torch.Tensor, grad_norms: list[torch.Tensor]) -> bool:
         checks = [loss.detach().float().reshape(())]
         if self.check_grads:
             checks += [g.detach().float().reshape(()).to(loss.device) for g in grad_norms]
         bad = (~torch.isfinite(torch.stack(checks))).any().float()
-        return float(self.accelerator.reduce(bad, reduction="sum")) == 0  # the one host sync per step
+        signalled = float(self.preemption is not None and self.preemption.requested)
+        flags = torch.stack([bad, torch.full_like(bad, signalled)])  # a fill kernel: no host copy
+        bad_sum, signalled_sum = self.accelerator.reduce(flags, reduction="sum").tolist()  # one sync per step
+        self.preempt_now = self.preempt_now or signalled_sum > 0
+        return bad_sum == 0
 
     def record(self, ok: bool, step: int, loss: torch.Tensor) -> None:
         """Count a skipped step; ``should_stop`` tells the loop to end after logging it."""
@@ -295,10 +303,14 @@ def _run(
     if state.step >= stop:
         logger.info(f"nothing to do: already at step {state.step} >= {stop}")
     perf.check_compiled(cfg)
+    guard = _Guard(accelerator, cfg, state, logger)
     try:
-        last = _optimise(accelerator, cfg, task, state, _Guard(accelerator, cfg, state, logger), bar, stop)
-    except NonFiniteLossError:
+        with PreemptionHandler() as guard.preemption:
+            last = _optimise(accelerator, cfg, task, state, guard, bar, stop)
+    except (NonFiniteLossError, Preempted) as err:
         accelerator.end_training()  # flush the trackers; every rank raises the same error
+        if isinstance(err, Preempted):
+            logger.warning(str(err))
         raise
     finally:
         bar.close()
@@ -347,10 +359,14 @@ def _optimise(accelerator, cfg: CoreConfig, task: Task, state: TrainerState, gua
                 logs_acc.flush(state.step, {"skipped_steps": state.skipped_steps})
             raise guard.stop(state.step)
         every = cfg.checkpointing_steps
-        if (every and state.step % every == 0) or state.step == stop:
+        if (every and state.step % every == 0) or state.step == stop or guard.preempt_now:
+            if guard.preempt_now and state.step % cfg.log_every and state.step != stop:
+                last = logs_acc.flush(state.step, {"skipped_steps": state.skipped_steps})
             if task.state_extra is not None:
                 state.extra = task.state_extra()
             save_checkpoint(accelerator, out_dir, state, params, cfg.checkpoints_total_limit)
+        if guard.preempt_now and state.step < cfg.max_steps:
+            raise Preempted(state.step, guard.preemption.received or "a signal on another rank")
         if task.on_step_end is not None:
             task.on_step_end(state.step)
             for m in task.train_modules:
