@@ -49,7 +49,7 @@ from train.urepa.data import (  # noqa: E402
     embedding_table,
     grid_from_metadata,
 )
-from train.urepa.ema import ParamEMA  # noqa: E402
+from train.core.ema import ParamEMA  # noqa: E402
 from train.urepa.setup import (  # noqa: E402
     build_aligned_model,
     load_scheduler_config,
