@@ -38,6 +38,7 @@ from train.core import (  # noqa: E402
     weight_dtype_of,
 )
 from train.core.config import perf_settings  # noqa: E402
+from train.core.ema import ParamEMA  # noqa: E402
 from train.core.perf import loader_kwargs as perf_loader_kwargs  # noqa: E402
 from train.urepa.checkpoint import EMA_FILE, save_extra_state  # noqa: E402
 from train.urepa.config_schema import URepaConfig  # noqa: E402
@@ -49,7 +50,6 @@ from train.urepa.data import (  # noqa: E402
     embedding_table,
     grid_from_metadata,
 )
-from train.core.ema import ParamEMA  # noqa: E402
 from train.urepa.setup import (  # noqa: E402
     build_aligned_model,
     load_scheduler_config,
