@@ -75,6 +75,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
+    "int16": torch.int16,  # token ids (e.g. DinoVQ codes of a codebook of <= 32768 entries)
+    "int32": torch.int32,
 }
 # Fields the writer maintains itself; everything else in the metadata describes the cache contents and must
 # match when a run resumes into an existing cache.
@@ -357,7 +359,7 @@ class LMDBCacheWriter:
     Args:
         path: cache directory (created if needed).
         metadata: what the records are. Must contain ``shape`` (of one record) and ``dtype`` (``float16``,
-            ``bfloat16`` or ``float32``); everything else (encoder, D, grid, resolution, ...) is free-form but
+            ``bfloat16``, ``float32``, ``int16`` or ``int32``); everything else (encoder, D, grid, resolution, ...) is free-form but
             must equal the stored metadata when resuming into an existing cache (a mismatch is an error).
         shard_size: records per LMDB environment.
         writer_id: name of this writer's shards; parallel jobs must use distinct ids (the jobs use
