@@ -225,25 +225,42 @@ def class_metrics(
 
 
 def save_grid(shown, path: Path, note: str) -> Path:
+    """Originals in the top row, reconstructions below; each column labelled with file, class and PSNR."""
     from utils.figures import save_labelled_grid
 
-    images = [im for _, x, r, _ in shown for im in (x, r)]
-    row_labels = [
-        f"{item.id}\n{item.label or ''}\nPSNR {p:.2f} dB".replace("\n\n", "\n") for item, _, _, p in shown
+    images = [x for _, x, _, _ in shown] + [r for _, _, r, _ in shown]
+    col_labels = [
+        "\n".join(t for t in (Path(item.id).name, item.label, f"PSNR {p:.2f} dB") if t)
+        for item, _, _, p in shown
     ]
     return save_labelled_grid(
         images,
         path,
-        ncols=2,
-        row_labels=row_labels,
-        col_labels=["original", "reconstruction"],
+        ncols=len(shown),
+        row_labels=["original", "reconstruction"],
+        col_labels=col_labels,
         title="DinoVQ reconstructions",
         note=note,
         value_range=(0.0, 1.0),
+        cell_inches=1.6,
     )
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def load_rfid_inception(path: str | None, device: str, mode: str | None):
+    """clean-fid's Inception from ``path`` / the caches; ``"random"``: random weights (demo, smoke tests)."""
+    import tempfile
+
+    from eval.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
+
+    if path == "random":
+        logger.warning("--inception_path random: random Inception weights, rFID values are meaningless")
+        with tempfile.TemporaryDirectory() as tmp:  # loaded into memory, the file is not needed afterwards
+            weights = write_random_torchscript_inception(Path(tmp) / TORCHSCRIPT_FILENAME)
+            return load_inception(weights, device=device, mode=mode)
+    return load_inception(path, device=device, mode=mode)  # MissingWeightsError names the file
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -316,9 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         lpips_fn = build_lpips_vgg(args.vgg_ckpt_path, device=args.device)
     if not args.no_rfid:
-        from eval.inception import load_inception
-
-        inception = load_inception(args.inception_path, device=args.device, mode=args.fid_mode)
+        inception = load_rfid_inception(args.inception_path, args.device, args.fid_mode)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, shown = evaluate_tokenizer(
