@@ -84,7 +84,10 @@ def list_items(data: str | os.PathLike, split: str = "val") -> list[EvalItem]:
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root} is not a directory")
-    folder = imagenet_split_dir(root, split) or root
+    folder = imagenet_split_dir(root, split)
+    if folder is None and ((root / "ILSVRC").is_dir() or (root / "Data" / "CLS-LOC").is_dir()):
+        raise UserError(f"{root} is an ImageNet root without the split folder ILSVRC/Data/CLS-LOC/{split}")
+    folder = folder or root
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")

@@ -121,9 +121,11 @@ def export_checkpoint(
             f"{model_file} does not match the model of {run_config or ckpt.parent / RUN_CONFIG}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    state_file = ckpt / "trainer_state.json"  # the training core's; older checkpoints: the folder name
+    step = json.loads(state_file.read_text())["step"] if state_file.is_file() else checkpoint_step(ckpt)
     info = {
         "weights": "ema" if use_ema else "live",
-        "step": checkpoint_step(ckpt),
+        "step": step,
         "source": str(ckpt.resolve()),
     }
     shadow = load_file(str(ckpt / EMA_FILE)) if use_ema else None
