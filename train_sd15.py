@@ -38,6 +38,7 @@ from train.core import (
     weight_dtype_of,
 )
 from train.core.config import perf_settings
+from train.core.ema import ParamEMA
 from train.core.perf import loader_kwargs as perf_loader_kwargs
 from train.urepa.checkpoint import EMA_FILE, save_extra_state
 from train.urepa.config_schema import URepaConfig
@@ -49,7 +50,6 @@ from train.urepa.data import (
     embedding_table,
     grid_from_metadata,
 )
-from train.urepa.ema import ParamEMA
 from train.urepa.setup import (
     build_aligned_model,
     load_scheduler_config,

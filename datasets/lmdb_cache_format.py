@@ -38,6 +38,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
+    "int16": torch.int16,  # token ids (e.g. DinoVQ codes of a codebook of <= 32768 entries)
+    "int32": torch.int32,
 }
 # Fields the writer maintains itself; everything else in the metadata describes the cache contents and must
 # match when a run resumes into an existing cache.

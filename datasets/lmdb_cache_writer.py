@@ -67,7 +67,7 @@ class LMDBCacheWriter:
     Args:
         path: cache directory (created if needed).
         metadata: what the records are. Must contain ``shape`` (of one record) and ``dtype`` (``float16``,
-            ``bfloat16`` or ``float32``); everything else (encoder, D, grid, resolution, ...) is free-form but
+            ``bfloat16``, ``float32``, ``int16`` or ``int32``); everything else (encoder, D, grid, resolution, ...) is free-form but
             must equal the stored metadata when resuming into an existing cache (a mismatch is an error).
         shard_size: records per LMDB environment.
         writer_id: name of this writer's shards; parallel jobs must use distinct ids (the jobs use

@@ -48,8 +48,8 @@ def _stock_unet_output(tiny_assets, lora_dir, weight_name=None):
 def test_checkpoint_lora_files_load_into_stock_pipeline(tiny_assets, tmp_path, rank, alpha):
     from safetensors.torch import load_file
 
+    from train.core.ema import ParamEMA
     from train.urepa.checkpoint import EMA_LORA_DIR, LORA_FILE, save_extra_state
-    from train.urepa.ema import ParamEMA
 
     model = _trained_model(tiny_assets, rank, alpha)
     ema = ParamEMA(model, decay=0.5)

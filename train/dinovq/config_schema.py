@@ -112,6 +112,9 @@ class TrainSection(ConfigSection):
     max_consecutive_nonfinite: PositiveInt = 5  # non-finite steps are skipped; stop after this many in a row
     eval_every: PositiveInt = 5000
     resume_from_checkpoint: str | None = None  # latest | a checkpoint dir | null
+    ema: bool = False  # EMA of the generator weights (LlamaGen's --ema); exported when on
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9999  # LlamaGen's update_ema default
+    init_from: str | None = None  # exported tokenizer folder to fine-tune from (step 0; not a resume)
 
     @model_validator(mode="after")
     def _disc_lr(self) -> TrainSection:
