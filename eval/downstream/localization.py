@@ -28,6 +28,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from datasets.mvtec import SPLIT_RULES, good_images  # noqa: E402
+from eval.downstream.au_pro import AU_PRO_RULES  # noqa: E402
 from eval.downstream.data import (  # noqa: E402
     DEFAULT_SPLIT_RULE,
     GeneratedSegmentationDataset,
@@ -128,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pixel F1-max over all thresholds (0) or over the grid 0, step, ..., 1 (references: 0.05).",
     )
     g.add_argument("--au_pro_limit", type=float, default=AU_PRO_LIMIT, help="FPR limit of AU-PRO.")
+    g.add_argument(
+        "--au_pro_rule",
+        choices=AU_PRO_RULES,
+        default="dualanodiff",
+        help="AU-PRO tie rule. dualanodiff: DualAnoDiff's au_pro_util.py (score > t, FPR counted by position in "
+        "the sorted normal scores: PRO stays flat through tied normal scores), the papers' numbers; mvtec: MVTec "
+        "AD's official evaluation (score >= t, a tie block crossed diagonally). They differ on saturated maps.",
+    )
+    g.add_argument(
+        "--au_pro_num_thresholds",
+        type=int,
+        default=None,
+        help="--au_pro_rule dualanodiff: sample this many evenly spaced positions of the sorted normal scores "
+        "(the reference: 100). Default: every position.",
+    )
     g.add_argument("--eval_batch_size", type=int, default=8, help="Test-time batch size.")
     g.add_argument("--num_figure_images", type=int, default=8, help="Test images in predictions.png.")
     g.add_argument("--skip_eval", action="store_true", help="Train only.")
@@ -156,6 +172,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--f1_grid_step must be in [0, 1), got {args.f1_grid_step}")
     if not 0.0 < args.au_pro_limit <= 1.0:
         parser.error(f"--au_pro_limit must be in (0, 1], got {args.au_pro_limit}")
+    if args.au_pro_num_thresholds is not None and (
+        args.au_pro_rule != "dualanodiff" or args.au_pro_num_thresholds < 2
+    ):
+        parser.error(
+            "--au_pro_num_thresholds needs --au_pro_rule dualanodiff and a value >= 2 (reference: 100)"
+        )
     if args.eval_batch_size < 1 or args.num_figure_images < 0:
         parser.error("--eval_batch_size must be >= 1 and --num_figure_images >= 0")
     return args
@@ -221,7 +243,13 @@ def evaluate(
 
     def metrics_of(index: list[int]) -> dict[str, float]:
         return localization_metrics(
-            maps[index], masks[index], args.image_score_kernel, args.f1_grid_step, args.au_pro_limit
+            maps[index],
+            masks[index],
+            args.image_score_kernel,
+            args.f1_grid_step,
+            args.au_pro_limit,
+            args.au_pro_rule,
+            args.au_pro_num_thresholds,
         )
 
     good = [i for i, it in enumerate(items) if it.defect == "good"]
@@ -248,6 +276,8 @@ def evaluate(
             "image_score_kernel": args.image_score_kernel,
             "f1_grid_step": args.f1_grid_step,
             "au_pro_limit": args.au_pro_limit,
+            "au_pro_rule": args.au_pro_rule,
+            "au_pro_num_thresholds": args.au_pro_num_thresholds,
             "max_train_steps": args.max_train_steps,
             "train_batch_size": args.train_batch_size,
             "base_width": args.base_width,
