@@ -36,7 +36,12 @@ from eval.downstream.data import (  # noqa: E402
 )
 from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, write_csv, write_json  # noqa: E402
 from eval.downstream.resnet import build_resnet34  # noqa: E402
-from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
+from eval.downstream.trainer import (  # noqa: E402
+    add_optimisation_args,
+    check_optimisation_args,
+    log_evaluation,
+    train_model,
+)
 from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
@@ -244,14 +249,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "imagenet_weights": imagenet_file,
     }
     model = train_model(accelerator, args, cfg, model, dataset, classification_loss, model_config)
-    if args.skip_eval or not accelerator.is_main_process:
-        return {}
-    extra = {"train_images": train_counts, "imagenet_weights": imagenet_file}
-    if imagenet_file is None:
-        extra["warning"] = (
-            "ResNet-34 trained from random initialisation (no ImageNet weights): not comparable"
+    try:
+        if args.skip_eval or not accelerator.is_main_process:
+            return {}
+        extra = {"train_images": train_counts, "imagenet_weights": imagenet_file}
+        if imagenet_file is None:
+            extra["warning"] = (
+                "ResNet-34 trained from random initialisation (no ImageNet weights): not comparable"
+            )
+        record = evaluate(model, args, defects, items, images, accelerator.device, extra)
+        per = record["metrics"]["per_defect"]
+        rows = [["all", record["metrics"]["accuracy"]], *([d, a] for d, a in per.items())]
+        scalars = {"accuracy": record["metrics"]["accuracy"]}
+        log_evaluation(
+            accelerator, "eval/classification", ["scope", "accuracy"], rows, cfg.max_steps, scalars
         )
-    return evaluate(model, args, defects, items, images, accelerator.device, extra)
+        return record
+    finally:
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

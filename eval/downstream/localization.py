@@ -48,7 +48,12 @@ from eval.downstream.metrics import (  # noqa: E402
     localization_metrics,
 )
 from eval.downstream.report import METRICS_CSV, METRICS_JSON, localization_figure, write_csv, write_json  # noqa: E402
-from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
+from eval.downstream.trainer import (  # noqa: E402
+    add_optimisation_args,
+    check_optimisation_args,
+    log_evaluation,
+    train_model,
+)
 from losses.focal import focal_loss  # noqa: E402
 from models.draem_segmentation import DiscriminativeSubNetwork, init_weights  # noqa: E402
 from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
@@ -351,10 +356,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "split_rule": args.split_rule,
     }
     model = train_model(accelerator, args, cfg, model, dataset, segmentation_loss(args), model_config)
-    if args.skip_eval or not accelerator.is_main_process:
-        return {}
-    extra = {"train_images": train_counts, "defects": defects}
-    return evaluate(model, args, items, test_set, accelerator.device, extra)
+    try:
+        if args.skip_eval or not accelerator.is_main_process:
+            return {}
+        extra = {"train_images": train_counts, "defects": defects}
+        record = evaluate(model, args, items, test_set, accelerator.device, extra)
+        rows = [[scope, *(m[k] for k in METRIC_NAMES)] for scope, m in record["metrics"].items()]
+        log_evaluation(
+            accelerator,
+            "eval/localization",
+            ["scope", *METRIC_NAMES],
+            rows,
+            cfg.max_steps,
+            record["metrics"]["all"],
+        )
+        return record
+    finally:
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import PositiveInt
 
+from train.core.trackers import REPORT_TO_HELP, report_to_arg, resolve_report_to
 from utils.cli import UserError
 from utils.config import ConfigSection
 
@@ -53,7 +54,7 @@ class CoreConfig:
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
-    report_to: str | None = "tensorboard"
+    report_to: str | None = "tensorboard"  # resolved: comma-separated installed trackers, or None
     logging_dir: str = "logs"
     log_every: int = 1
     max_consecutive_nonfinite: int = 5
@@ -107,8 +108,7 @@ class CoreConfig:
             self.stop_at_step is None or self.stop_at_step >= 1,
             f"stop_at_step must be >= 1, got {self.stop_at_step}",
         )
-        if self.report_to in ("none", "", "None"):
-            self.report_to = None
+        self.report_to = resolve_report_to(self.report_to)  # unknown / not installed: UserError (exit 2)
         self.compile = _names(self.compile, COMPILE_TARGETS, "compile")
         self.sdpa_backend = _names(self.sdpa_backend, SDPA_BACKENDS, "sdpa_backend")
         need(
@@ -216,7 +216,10 @@ def add_core_args(
         help="Start fresh in an --output_dir that already holds a run (its checkpoints and logs are deleted).",
     )
     g.add_argument(
-        "--report_to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, all, none."
+        "--report_to",
+        type=report_to_arg,
+        default="tensorboard",
+        help=REPORT_TO_HELP + " Default: tensorboard.",
     )
     g.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
     g.add_argument(
