@@ -18,6 +18,10 @@ Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 ste
 
 Resumable: sample ``i`` uses its own seed ``--seed + i``, indices whose files exist are skipped, files are
 written atomically, so an interrupted run continues with the same images an uninterrupted run would write.
+
+Every set gets a ``manifest.json`` (eval/manifest.py): the weight files with sha256, base model, prompts,
+sampler, steps, guidance, seed range, all flags, repo commit. Resuming a set with other weights is refused
+unless ``--allow_mixed_weights``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from datasets.mvtec import FG_BACKGROUNDS  # noqa: E402
+from eval.manifest import record_generation  # noqa: E402
 from eval.mask_extraction import MaskParams, extract_mask, mask_to_image  # noqa: E402
 from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
@@ -88,6 +93,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--resolution", type=int, default=None, help="output size (default: the U-Net's native size)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="resume a set that earlier runs made with other weights (refused by default; recorded in the "
+        "set's manifest.json)",
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -374,6 +385,7 @@ def run_stage2(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_inputs(args)
+    record_generation(args, resolve_base_model(args))  # manifest.json of the set, before any image
     return run_stage1(args) if args.stage == "stage1" else run_stage2(args)
 
 

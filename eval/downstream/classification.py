@@ -42,6 +42,7 @@ from eval.downstream.trainer import (  # noqa: E402
     log_evaluation,
     train_model,
 )
+from eval.manifest import check_sets, evaluation_manifest, write_manifest  # noqa: E402
 from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_batch_size", type=int, default=32, help="Test-time batch size.")
     g.add_argument("--skip_eval", action="store_true", help="Train only.")
+    g.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="Use generated sets whose manifests show images of several weights, weights trained for another "
+        "class/defect, or different base models (refused by default; eval/manifest.py).",
+    )
     g.add_argument("--note", default="", help="Free text stored in metrics.json and shown in the tables.")
     return p
 
@@ -232,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = find_generated_pairs(
         args.generated_root, args.class_name, defects, args.max_images_per_defect, need_masks=False
     )
+    sets = {d: Path(args.generated_root) / args.class_name / d for d in defects}
+    set_manifests = check_sets(sets, args.allow_mixed_weights)
     dataset = GeneratedClassificationDataset(pairs, args.resolution)
     train_counts = {d: len(p.images) for d, p in pairs.items()}
     logger.info("training images: %s; test images: %d", train_counts, len(items))
@@ -258,6 +267,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ResNet-34 trained from random initialisation (no ImageNet weights): not comparable"
             )
         record = evaluate(model, args, defects, items, images, accelerator.device, extra)
+        out = Path(args.output_dir)
+        manifest = evaluation_manifest(
+            job="classification", flags=vars(args), inputs=set_manifests,
+            outputs=[out / METRICS_JSON, out / METRICS_CSV, out / "model.safetensors"],
+            allowed_mixed=args.allow_mixed_weights,
+        )  # fmt: skip
+        write_manifest(out, manifest)
         per = record["metrics"]["per_defect"]
         rows = [["all", record["metrics"]["accuracy"]], *([d, a] for d, a in per.items())]
         scalars = {"accuracy": record["metrics"]["accuracy"]}

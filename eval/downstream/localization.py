@@ -11,7 +11,9 @@ the real held-out MVTec AD test images (AnomalyDiffusion / DualAnoDiff protocol)
 
 Writes to --output_dir: model.safetensors + model_config.json, metrics.json and metrics.csv (the whole class
 and each defect type: image AUROC/AP/F1-max, pixel AUROC/AP/F1-max, AU-PRO at FPR 0.3), predictions.png,
-checkpoint-<step>/, losses.jsonl and TensorBoard logs. Protocol: docs/anomaly_downstream.md.
+anomaly_maps/ (float maps in MVTec's evaluation layout; re-score with eval/downstream/anomaly_maps.py),
+manifest.json (flags, commit, the generated sets' manifests), checkpoint-<step>/, losses.jsonl and tracker
+logs. Protocol: docs/anomaly_downstream.md.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from datasets.mvtec import SPLIT_RULES, good_images  # noqa: E402
+from eval.downstream.anomaly_maps import FORMATS, save_anomaly_maps  # noqa: E402
 from eval.downstream.au_pro import AU_PRO_RULES  # noqa: E402
 from eval.downstream.data import (  # noqa: E402
     DEFAULT_SPLIT_RULE,
@@ -54,6 +57,7 @@ from eval.downstream.trainer import (  # noqa: E402
     log_evaluation,
     train_model,
 )
+from eval.manifest import check_sets, evaluation_manifest, write_manifest  # noqa: E402
 from losses.focal import focal_loss  # noqa: E402
 from models.draem_segmentation import DiscriminativeSubNetwork, init_weights  # noqa: E402
 from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
@@ -150,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(the reference: 100). Default: every position.",
     )
     g.add_argument("--eval_batch_size", type=int, default=8, help="Test-time batch size.")
+    g.add_argument(
+        "--anomaly_maps",
+        choices=FORMATS,
+        default="npy",
+        help="Save the test anomaly maps under <output_dir>/anomaly_maps/<class>/test/<defect>/: npy (float32 at "
+        "--resolution), tiff (float32 at the original image size, MVTec's evaluate_experiment.py layout; "
+        "about 4 MB each at 1024 px), both, or none.",
+    )
+    g.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="Use generated sets whose manifests show images of several weights, weights trained for another "
+        "class/defect, or different base models (refused by default; eval/manifest.py).",
+    )
     g.add_argument("--num_figure_images", type=int, default=8, help="Test images in predictions.png.")
     g.add_argument("--skip_eval", action="store_true", help="Train only.")
     g.add_argument(
@@ -245,6 +263,7 @@ def evaluate(
     """Anomaly maps of the test images, the metrics per class and per defect type, and the output files."""
     images, masks = test_set
     maps = predict_maps(model, images, args.eval_batch_size, device)
+    maps_dir = save_anomaly_maps(args.output_dir, args.class_name, items, maps, args.anomaly_maps)
 
     def metrics_of(index: list[int]) -> dict[str, float]:
         return localization_metrics(
@@ -271,6 +290,7 @@ def evaluate(
         "note": args.note,
         "metrics": results,
         "n_test_images": {d: sum(it.defect == d for it in items) for d in ["good", *defects]},
+        "anomaly_maps": str(maps_dir) if maps_dir else None,
         "test_images": [
             str(it.image.relative_to(root)) if it.image.is_relative_to(root) else str(it.image)
             for it in items
@@ -330,8 +350,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = held_out_test_set(args.mvtec_root, args.class_name, defects, args.split_rule)
     test_set = load_test_set(items, args.resolution)  # decoded now: a bad file fails before training
     good = good_images(args.mvtec_root, args.class_name)
+    set_manifests = {}
     if args.source == "generated":
         pairs = find_generated_pairs(args.generated_root, args.class_name, defects)
+        sets = {d: Path(args.generated_root) / args.class_name / d for d in defects}
+        set_manifests = check_sets(sets, args.allow_mixed_weights)
         dataset = GeneratedSegmentationDataset(good, pairs, args.resolution, args.normal_ratio)
         train_counts = {"good": len(good), **{d: len(p.images) for d, p in pairs.items()}}
     else:
@@ -361,6 +384,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {}
         extra = {"train_images": train_counts, "defects": defects}
         record = evaluate(model, args, items, test_set, accelerator.device, extra)
+        out = Path(args.output_dir)
+        outputs = [out / METRICS_JSON, out / METRICS_CSV, out / "model.safetensors"]
+        manifest = evaluation_manifest(
+            job="localization", flags=vars(args), inputs=set_manifests, outputs=outputs,
+            allowed_mixed=args.allow_mixed_weights,
+        )  # fmt: skip
+        write_manifest(out, manifest)
         rows = [[scope, *(m[k] for k in METRIC_NAMES)] for scope, m in record["metrics"].items()]
         log_evaluation(
             accelerator,
