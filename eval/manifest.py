@@ -130,10 +130,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any], name: str = MANIFEST_NAME) -> Path:
     from utils.checkpoint import atomic_write
 
-    path = Path(folder) / MANIFEST_NAME
+    path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -287,6 +287,18 @@ def evaluation_manifest(
         "allowed_mixed_weights": allowed_mixed,
         "outputs": [{"name": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in outs],
     }
+
+
+def set_folder_of(image_dir: str | os.PathLike) -> Path:
+    """The generated set an image folder belongs to: itself (``full/``, ``<defect>/``) or, for
+    ``<defect>/image``, its parent - whichever holds the manifest (else the folder itself)."""
+    d = Path(image_dir)
+    return d.parent if not (d / MANIFEST_NAME).is_file() and (d.parent / MANIFEST_NAME).is_file() else d
+
+
+def result_manifest_name(result_file: str | os.PathLike) -> str:
+    """``ic_lpips.json`` -> ``ic_lpips.manifest.json``: the manifest next to an evaluation result file."""
+    return f"{Path(result_file).stem}.{MANIFEST_NAME}"
 
 
 def generated_set_dir(args: Any) -> Path:
