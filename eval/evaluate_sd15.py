@@ -25,6 +25,13 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from eval.fid import fid_from_stats, inception_stats, reference_stats, to_uint8_range  # noqa: E402
+from eval.manifest import (  # noqa: E402
+    base_model_record,
+    evaluation_manifest,
+    result_manifest_name,
+    weights_record,
+    write_manifest,
+)
 from train.urepa.checkpoint import load_checkpoint_config, load_trainable  # noqa: E402
 from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents  # noqa: E402
 from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir  # noqa: E402
@@ -193,7 +200,7 @@ class LoadedModel:
         self.ckpt, self.run = ckpt, run
         self.step = checkpoint_step(ckpt)
         self.cfg = load_checkpoint_config(ckpt)
-        sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
+        self.sd_dir = sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
         unet = load_unet(sd_dir)
         align = float(self.cfg["loss"]["align_coeff"]) > 0
         D, grid = int(self.cfg["model"]["D"]), tuple(self.cfg["model"]["grid"])
@@ -408,7 +415,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary["alignment"][f"{run}@{lm.step}"] = result["svcca_mid"]
             bar.update()
         result["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(result, out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json")
+        result_path = out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json"
+        write_json(result, result_path)
+        # <result>.manifest.json: the checkpoint's weight files (sha256), base model, flags, commit
+        inputs = {"checkpoint": {"weights": weights_record(ckpt), "base_model": base_model_record(lm.sd_dir)}}
+        manifest = evaluation_manifest(
+            job="evaluate_sd15", flags=vars(args), inputs=inputs, outputs=[result_path]
+        )
+        write_manifest(result_path.parent, manifest, result_manifest_name(result_path))
         logger.info(
             json.dumps({k: v for k, v in result.items() if k in ("run", "step", "fid", "sfid", "svcca_mid")})
         )

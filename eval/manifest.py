@@ -41,7 +41,14 @@ logger = get_logger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-WEIGHT_CONFIGS = ("dual_config.json", "adapter_config.json", "config.json")  # configs that change the model
+WEIGHT_CONFIGS = (
+    "dual_config.json",
+    "adapter_config.json",
+    "config.json",
+    "urepa_config.yaml",
+)  # model configs
+# accelerate's training state in a checkpoint folder: not weights (and the optimizer state is large)
+TRAINING_STATE_PREFIXES = ("optimizer", "scheduler", "sampler", "random_states", "scaler")
 BASE_MODEL_CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALLOW_FLAG = "--allow_mixed_weights"
@@ -73,7 +80,9 @@ def weights_record(weights_dir: str | os.PathLike) -> dict[str, Any]:
         [
             p
             for p in root.iterdir()
-            if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in WEIGHT_CONFIGS)
+            if p.is_file()
+            and (p.suffix in WEIGHT_SUFFIXES or p.name in WEIGHT_CONFIGS)
+            and not p.name.startswith(TRAINING_STATE_PREFIXES)
         ],
         root,
     )
