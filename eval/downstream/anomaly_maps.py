@@ -17,7 +17,8 @@ image); its ``--dataset_base_dir`` must hold exactly the evaluated test images, 
 into anomalib-style tensors.
 
     # re-score the saved maps (the same metrics as metrics.json; another AU-PRO rule / limit / F1 grid):
-    python eval/downstream/anomaly_maps.py score --maps_dir outputs/.../anomaly_maps --au_pro_rule mvtec
+    python eval/downstream/anomaly_maps.py score --maps_dir outputs/.../anomaly_maps --au_pro_rule mvtec \
+        [--au_pro_limit 0.3] [--au_pro_num_thresholds 100] [--f1_grid_step 0.05] [--output_json rescored.json]
     # write the .tiff maps later (original image size) for MVTec's own script:
     python eval/downstream/anomaly_maps.py tiff --maps_dir outputs/.../anomaly_maps
     python evaluate_experiment.py --dataset_base_dir outputs/.../anomaly_maps/mvtec_subset \
