@@ -120,7 +120,7 @@ def log_images(accelerator, tag: str, images: torch.Tensor, step: int, nrow: int
             tracker.log_images({tag: images.numpy()}, step=step, dataformats="NCHW")
         elif name == "wandb":
             tracker.log_images(
-                {tag: [(im.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for im in images]}, step
+                {tag: [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in images]}, step
             )
         elif name in ("clearml", "aim"):
             tracker.log_images({tag: _grid(images, nrow)}, step=step)
