@@ -102,20 +102,29 @@ def build_tiny_text_encoder(seed: int = 2):
     return CLIPTextModel(config).eval()
 
 
-def write_tiny_sd15(out_dir: Path) -> Path:
-    """Write a complete StableDiffusionPipeline directory (model_index.json + 5 components)."""
+def load_tiny_tokenizer(tokenizer_dir: Path):
+    """(dir, CLIPTokenizer): SD-1.5's real CLIP BPE tokenizer files written to tokenizer_dir and loaded."""
+    from transformers import CLIPTokenizer
+
+    tokenizer_dir = write_clip_tokenizer(Path(tokenizer_dir))
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.bos_token == BOS_TOKEN and tokenizer.eos_token == EOS_TOKEN
+    return tokenizer_dir, tokenizer
+
+
+def save_sd15_pipeline(out_dir: Path, *, vae, text_encoder, unet, tokenizer_dir: Path) -> Path:
+    """Save the components as a StableDiffusionPipeline directory with SD-1.5's PNDM scheduler and file set.
+
+    tokenizer_dir (from load_tiny_tokenizer) is moved into the pipeline as its `tokenizer/` folder."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
-    tokenizer_dir = write_clip_tokenizer(out_dir / "_tokenizer_src")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    assert tokenizer.bos_token == BOS_TOKEN and tokenizer.eos_token == EOS_TOKEN
     pipe = StableDiffusionPipeline(
-        vae=build_tiny_vae(),
-        text_encoder=build_tiny_text_encoder(),
-        tokenizer=tokenizer,
-        unet=build_tiny_unet(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        unet=unet,
         scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
@@ -124,5 +133,18 @@ def write_tiny_sd15(out_dir: Path) -> Path:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # Replace whatever the installed transformers version re-serialises with SD-1.5's own file set.
     shutil.rmtree(out_dir / "tokenizer")
-    tokenizer_dir.rename(out_dir / "tokenizer")
+    Path(tokenizer_dir).rename(out_dir / "tokenizer")
     return out_dir
+
+
+def write_tiny_sd15(out_dir: Path) -> Path:
+    """Write a complete StableDiffusionPipeline directory (model_index.json + 5 components), random weights."""
+    out_dir = Path(out_dir)
+    tokenizer_dir, _ = load_tiny_tokenizer(out_dir / "_tokenizer_src")
+    return save_sd15_pipeline(
+        out_dir,
+        vae=build_tiny_vae(),
+        text_encoder=build_tiny_text_encoder(),
+        unet=build_tiny_unet(),
+        tokenizer_dir=tokenizer_dir,
+    )
