@@ -6,7 +6,7 @@
 Loss: L = L_diff + lambda * (L_token + w * L_manifold) (losses/urepa.py); LoRA (or a partial full fine-tune)
 on mid_block / down_blocks.3 / up_blocks.0; AdamW + warmup/cosine; EMA of the trained weights; bf16;
 gradient clipping; NaN/Inf steps skipped (abort after ``train.max_consecutive_nonfinite``);
-checkpoints with exact resume (``train.resume_from_checkpoint: latest``); TensorBoard scalars; sample grids.
+checkpoints with exact resume (``train.resume_from_checkpoint: latest``); scalars and sample grids to every --report_to tracker (TensorBoard by default).
 The loop itself is the shared training core (train/core/, docs/training_core.md); this file wires
 config -> data -> model -> loss -> core.
 """
@@ -89,7 +89,7 @@ def core_config(cfg: dict[str, Any]) -> CoreConfig:
         resume_from_checkpoint=t.get("resume_from_checkpoint"),
         overwrite_output_dir=bool(t.get("overwrite_output_dir", False)),
         allow_config_change=bool(t.get("allow_config_change", False)),
-        report_to="tensorboard",
+        report_to=t.get("report_to", "tensorboard"),
         log_every=int(t["log_every"]),
         max_consecutive_nonfinite=int(t["max_consecutive_nonfinite"]),
         stop_at_step=t.get("stop_at_step"),
@@ -278,6 +278,7 @@ def make_step_fn(cfg: dict[str, Any], accelerator, model, criterion: URepaLoss, 
 @torch.no_grad()
 def save_sample_grid(accelerator, model, ema, cfg, sd_dir, table, step, out_dir: Path) -> None:
     """EMA-weight samples for the configured classes, one PNG per call (main process only)."""
+    from train.core.trackers import log_images
     from train.urepa.sampling import decode_latents, make_scheduler, sample_latents
     from utils.images import save_image_grid
 
@@ -312,6 +313,7 @@ def save_sample_grid(accelerator, model, ema, cfg, sd_dir, table, step, out_dir:
     images = decode_latents(vae, latents.float())
     unwrapped.train(was_training)
     path = save_image_grid(images, out_dir / "samples" / f"step_{step:07d}.png", nrow=min(len(classes), 8))
+    log_images(accelerator, "samples", (images + 1) / 2, step, nrow=min(len(classes), 8))
     logger.info(f"sample grid -> {path}")
 
 

@@ -32,6 +32,13 @@ from typing import Any
 import torch
 
 from eval.fid import FEATURES, feature_stats, fid_from_stats, reference_stats, to_uint8_range
+from eval.manifest import (
+    base_model_record,
+    evaluation_manifest,
+    result_manifest_name,
+    weights_record,
+    write_manifest,
+)
 from eval.sharding import batches_for_this_process, fixed_batches, process_state, sample_device
 from train.urepa.checkpoint import load_checkpoint_config, load_trainable
 from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents
@@ -219,7 +226,7 @@ class LoadedModel:
         self.ckpt, self.run = ckpt, run
         self.step = checkpoint_step(ckpt)
         self.cfg = load_checkpoint_config(ckpt)
-        sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
+        self.sd_dir = sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
         unet = load_unet(sd_dir)
         align = float(self.cfg["loss"]["align_coeff"]) > 0
         D, grid = int(self.cfg["model"]["D"]), tuple(self.cfg["model"]["grid"])
@@ -536,7 +543,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.update()
         result["seconds"] = round(time.perf_counter() - t0, 1)
         if main_process:
-            write_json(result, out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json")
+            result_path = out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json"
+            write_json(result, result_path)
+            # <result>.manifest.json: the checkpoint's weight files (sha256), base model, flags, commit
+            inputs = {
+                "checkpoint": {"weights": weights_record(ckpt), "base_model": base_model_record(lm.sd_dir)}
+            }
+            manifest = evaluation_manifest(
+                job="evaluate_sd15", flags=vars(args), inputs=inputs, outputs=[result_path]
+            )
+            write_manifest(result_path.parent, manifest, result_manifest_name(result_path))
             logger.info(
                 json.dumps(
                     {k: v for k, v in result.items() if k in ("run", "step", "fid", "sfid", "svcca_mid")}

@@ -23,6 +23,10 @@ the bytes an uninterrupted run would write, and ``accelerate launch`` on N proce
 round-robin) writes the same files as one process:
 
     accelerate launch --config_file configs/accelerate/8gpu_ddp.yaml eval/generate.py stage2 ...
+
+Every set gets a ``manifest.json`` (eval/manifest.py): the weight files with sha256, base model, prompts,
+sampler, steps, guidance, seed range, all flags, repo commit. Resuming a set with other weights is refused
+unless ``--allow_mixed_weights``.
 """
 
 from __future__ import annotations
@@ -38,12 +42,11 @@ import os
 import torch
 
 from datasets.mvtec import FG_BACKGROUNDS
+from eval.manifest import record_generation
 from eval.sharding import batches_for_this_process, process_state, sample_device
 from models.dual_lora_io import LEGACY_FG_BACKGROUND
-
-# the stage-2 sampler lives in models/ (training validates with it too); its names still import from here
+from models.dual_sampling import PRESETS, sample_pairs
 from models.dual_sampling import encode_prompts as encode_prompts
-from models.dual_sampling import sample_pairs
 from models.mask_extraction import MaskParams, extract_mask, mask_to_image
 from models.schedulers import SCHEDULERS, make_scheduler
 from utils.checkpoint import atomic_write
@@ -52,12 +55,8 @@ from utils.images import to_pil
 from utils.logging import get_logger, progress
 
 logger = get_logger("generate")
-# What each preset sets when the flag is not given. "official": DualAnoDiff's inference script (the stock
-# SD-1.5 pipeline's PNDM scheduler, num_inference_steps=100, guidance_scale=2.5, its two prompts, negative "").
-PRESETS = {
-    "fast": {"scheduler": "ddim", "num_inference_steps": 50, "guidance_scale": 2.5},
-    "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
-}
+# The presets (PRESETS, models/dual_sampling.py) set what a flag not given defaults to; "official" is DualAnoDiff's
+# inference script, whose two prompts and empty negative prompt are these:
 PROMPTS = {"prompt": "a vfx", "prompt_blend": "a vfx with sks", "prompt_fg": "sks", "negative_prompt": ""}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -101,6 +100,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="torch device of a one-process run (default: cuda if available, else cpu); under accelerate "
         "launch every process uses its own GPU",
+    )
+    p.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="resume a set that earlier runs made with other weights (refused by default; recorded in the "
+        "set's manifest.json)",
     )
     p.add_argument(
         "--dtype",
@@ -325,6 +330,8 @@ def main(argv: list[str] | None = None) -> Path:
     check_inputs(args)
     state = process_state()
     args.device = str(sample_device(args.device, state))
+    # manifest.json of the set, before any image (every process writes the same bytes atomically)
+    record_generation(args, resolve_base_model(args))
     return run_stage1(args, state) if args.stage == "stage1" else run_stage2(args, state)
 
 

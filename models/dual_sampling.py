@@ -11,6 +11,13 @@ import torch
 
 from models.schedulers import make_scheduler, step_kwargs
 
+# What each sampling preset sets when not given (eval/generate.py --preset, DualAnoDiffPipeline(preset=)).
+# "official": DualAnoDiff's inference script (the stock StableDiffusionPipeline's PNDM, 100 steps, guidance 2.5).
+PRESETS = {
+    "fast": {"scheduler": "ddim", "num_inference_steps": 50, "guidance_scale": 2.5},
+    "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
+}
+
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:

@@ -169,3 +169,30 @@ def test_branch_lora_export_bytes_do_not_depend_on_the_string_hash(tiny_assets, 
         assert set(lists) == {"unet.target_modules", "text_encoder.target_modules"}
         for key, modules in lists.items():
             assert len(modules) > 1 and modules == sorted(modules), (key, modules)
+
+
+def test_pipeline_presets_match_the_cli(tiny_assets, trained, monkeypatch):
+    import eval.generate as generate
+    import models.dual_sampling
+    from models.dual_anodiff_pipeline import DualAnoDiffPipeline
+
+    calls = []
+
+    def fake_sample_pairs(components, **kw):
+        calls.append(kw)
+        n = len(kw["seeds"])
+        return torch.zeros(n, 3, 8, 8), torch.zeros(n, 3, 8, 8)
+
+    monkeypatch.setattr(models.dual_sampling, "sample_pairs", fake_sample_pairs)
+    pipe = DualAnoDiffPipeline.from_pretrained(tiny_assets["sd15"], trained[2])
+    pipe.set_progress_bar_config(disable=True)
+    pipe(num_images=1, preset="official")
+    pipe(num_images=1)
+    pipe(num_images=1, preset="official", num_inference_steps=5, sampler="ddim", guidance_scale=1.0)
+    got = [(c["scheduler"], c["num_inference_steps"], c["guidance_scale"]) for c in calls]
+    assert got[0] == ("pndm", 100, 2.5) == tuple(generate.PRESETS["official"].values())  # DualAnoDiff's
+    assert got[1] == ("ddim", 50, 2.5) == tuple(generate.PRESETS["fast"].values())  # the CLI's default
+    assert got[2] == ("ddim", 5, 1.0)  # explicit values override the preset
+    assert calls[0]["prompt_blend"] == "a vfx with sks" and calls[0]["prompt_fg"] == "sks"
+    with pytest.raises(ValueError, match="preset"):
+        pipe(num_images=1, preset="slow")

@@ -76,6 +76,9 @@ def test_checkpoint_lora_files_load_into_stock_pipeline(tiny_assets, tmp_path, r
     out_ema, _ = _stock_unet_output(tiny_assets, tmp_path / EMA_LORA_DIR)
     assert (out_ema - averaged).abs().max().item() <= 1e-5
     assert (averaged - live).abs().max().item() > 1e-3  # the two files really differ
+    # a Hugging Face model card next to each LoRA file
+    assert "(EMA weights)" in (tmp_path / EMA_LORA_DIR / "README.md").read_text()
+    assert f'weight_name="{LORA_FILE}"' in (tmp_path / "README.md").read_text()
 
 
 def test_save_lora_weights_through_diffusers(tiny_assets, tmp_path):

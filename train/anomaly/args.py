@@ -21,6 +21,7 @@ from train.anomaly.perceptual import (
     default_dino_resolution,
 )
 from train.core.config import add_core_args
+from train.core.trackers import resolve_report_to
 from utils.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_IMAGE_SIZE
 
 DINOV2_CHOICES = (
@@ -400,8 +401,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         elif args.interaction_reduction is None:
             args.interaction_reduction = 4
         need(args.interaction_reduction >= 1, "--interaction_reduction must be >= 1")
-    if args.report_to in ("none", ""):
-        args.report_to = None
+    args.report_to = resolve_report_to(args.report_to)  # before any model is loaded
     return args
 
 

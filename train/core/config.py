@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import PositiveInt
 
+from train.core.trackers import REPORT_TO_HELP, report_to_arg, resolve_report_to
 from utils.cli import UserError
 from utils.config import ConfigSection
 
@@ -55,7 +56,7 @@ class CoreConfig:
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
     allow_config_change: bool = False  # resume although settings the resumed state would ignore changed
-    report_to: str | None = "tensorboard"
+    report_to: str | None = "tensorboard"  # resolved: comma-separated installed trackers, or None
     logging_dir: str = "logs"
     log_every: int = 1
     max_consecutive_nonfinite: int = 5
@@ -114,8 +115,7 @@ class CoreConfig:
             f"logging_dir {self.logging_dir!r} must be a folder inside output_dir (a relative path without "
             "'..'): --overwrite_output_dir deletes it",
         )
-        if self.report_to in ("none", "", "None"):
-            self.report_to = None
+        self.report_to = resolve_report_to(self.report_to)  # unknown / not installed: UserError (exit 2)
         self.compile = _names(self.compile, COMPILE_TARGETS, "compile")
         self.sdpa_backend = _names(self.sdpa_backend, SDPA_BACKENDS, "sdpa_backend")
         need(
@@ -236,7 +236,10 @@ def add_core_args(
         "values are applied (the optimizer and LR schedule take the new learning rate) and the change is logged.",
     )
     g.add_argument(
-        "--report_to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, all, none."
+        "--report_to",
+        type=report_to_arg,
+        default="tensorboard",
+        help=REPORT_TO_HELP + " Default: tensorboard.",
     )
     g.add_argument(
         "--logging_dir",

@@ -256,22 +256,26 @@ class _Logs:
         return out
 
 
-def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) -> dict[str, float]:
+def run_training(
+    accelerator, cfg: CoreConfig, task: Task, start_step: int = 0, end_training: bool = True
+) -> dict[str, float]:
     """Optimise until ``cfg.max_steps`` (or ``cfg.stop_at_step``); returns the last logged values.
 
     ``start_step``: the step a fresh (not resumed) run counts from (stage 2 continues stage 1's count).
+    ``end_training=False`` leaves the trackers open (the caller logs an evaluation after training, then calls
+    ``accelerator.end_training()`` itself).
     """
     logger = get_main_process_logger("train.core")
     out_dir = Path(cfg.output_dir)
     try:
-        return _run(accelerator, cfg, task, start_step, logger, out_dir)
+        return _run(accelerator, cfg, task, start_step, logger, out_dir, end_training)
     finally:
         if accelerator.is_main_process:
             RunLock(out_dir).release()  # taken by make_accelerator
 
 
 def _run(
-    accelerator, cfg: CoreConfig, task: Task, start_step: int, logger, out_dir: Path
+    accelerator, cfg: CoreConfig, task: Task, start_step: int, logger, out_dir: Path, end_training: bool
 ) -> dict[str, float]:
     resumed_from = find_checkpoint(out_dir, cfg.resume_from_checkpoint)
     if resumed_from is None:
@@ -319,7 +323,8 @@ def _run(
     elif state.step < cfg.max_steps:
         logger.info(f"stopped at step {state.step}; continue with --resume_from_checkpoint latest")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
     return last
 
 

@@ -12,6 +12,7 @@ from train.core import perf
 from train.core.checkpoint import LOSS_LOG_NAME
 from train.core.config import CoreConfig
 from train.core.lock import RunLock
+from train.core.trackers import tracker_list
 from utils.checkpoint import list_checkpoints
 from utils.cli import UserError
 
@@ -72,7 +73,7 @@ def make_accelerator(cfg: CoreConfig, *, find_unused_parameters: bool = False, *
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.mixed_precision,
-        log_with=cfg.report_to,
+        log_with=tracker_list(cfg.report_to),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         kwargs_handlers=handlers,
         **kwargs,

@@ -107,6 +107,9 @@ class TrainSection(ConfigSection):
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0  # null: no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: PositiveInt = 50
+    report_to: str = (
+        "tensorboard"  # trackers: tensorboard, wandb, comet_ml, mlflow, ..., all, none (comma list)
+    )
     checkpointing_steps: PositiveInt = 5000
     checkpoints_total_limit: PositiveInt | None = 3
     max_consecutive_nonfinite: PositiveInt = 5  # non-finite steps are skipped; stop after this many in a row

@@ -50,6 +50,7 @@ from train.core import (
 )
 from train.core.config import perf_settings
 from train.core.ema import ParamEMA
+from train.core.trackers import log_table
 from train.dinovq.config_schema import DinoVQConfig
 from train.dinovq.data import (
     EpochShuffleSampler,
@@ -239,6 +240,7 @@ def core_config(cfg: dict[str, Any], args: argparse.Namespace) -> CoreConfig:
         overwrite_output_dir=bool(args.overwrite_output_dir),
         allow_config_change=bool(args.allow_config_change),
         log_every=int(t.get("log_every", 10)),
+        report_to=t.get("report_to", "tensorboard"),
         max_consecutive_nonfinite=int(t.get("max_consecutive_nonfinite", 5)),
         stop_at_step=args.stop_at_step,
         project_name="dinovq",
@@ -367,6 +369,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if val_dl is not None and accelerator.is_main_process and (step % every == 0 or step == max_steps):
             last_metrics = run_eval(raw, val_dl, lpips_fn, inception, device, ecfg, output_dir, step)
             accelerator.log({f"eval/{k}": v for k, v in last_metrics.items()}, step=step)
+            log_table(
+                accelerator, "eval/metrics", ["step", *last_metrics], [[step, *last_metrics.values()]], step
+            )
 
     def on_epoch(epoch: int) -> None:
         sampler.set_epoch(epoch)

@@ -32,6 +32,7 @@ from train.anomaly.components import (
 )
 from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps
 from train.anomaly.loop import make_optimizer, run_stage
+from train.anomaly.model_cards import write_stage1_card
 from train.core import (
     core_config_from_args,
     make_accelerator,
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None,
             args.output_dir,
         )
+        write_stage1_card(args, args.output_dir)  # README.md: Hugging Face model card
         logger.info("final LoRA: %s", Path(args.output_dir) / "pytorch_lora_weights.safetensors")
 
     def validate(step):

@@ -52,6 +52,7 @@ from train.anomaly.diffusion import (
     sample_timesteps,
 )
 from train.anomaly.loop import make_optimizer, run_stage
+from train.anomaly.model_cards import write_stage2_card
 from train.core import (
     core_config_from_args,
     make_accelerator,
@@ -368,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         from models.dual_lora_io import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
 
-        export_branch_loras(
+        branch_files = export_branch_loras(
             accelerator.unwrap_model(dual_p),
             accelerator.unwrap_model(text_encoder) if te_lora else None,
             args.output_dir,
         )
+        write_stage2_card(args, args.output_dir, [p.name for p in branch_files.values()])  # README.md
         logger.info("final dual weights in %s", args.output_dir)
 
     def validate(step):

@@ -111,6 +111,9 @@ class TrainSection(ConfigSection):
     max_steps: PositiveInt = 60000
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: PositiveInt = 50
+    report_to: str = (
+        "tensorboard"  # trackers: tensorboard, wandb, comet_ml, mlflow, ..., all, none (comma list)
+    )
     checkpointing_steps: NonNegativeInt = 5000  # 0: only the last step
     checkpoints_total_limit: PositiveInt | None = 5
     resume_from_checkpoint: str | None = "latest"  # latest | a checkpoint dir | null
