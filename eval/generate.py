@@ -14,7 +14,9 @@ models/mask_extraction.py):
 
 Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 steps, guidance 2.5) and
 ``--preset official`` (DualAnoDiff's inference: PNDM, 100 steps, guidance 2.5, prompts "a vfx with sks" /
-"sks", unconditional prompt ""); script/inference/*.sh use ``official``.
+"sks", unconditional prompt ""); script/inference/*.sh use ``official``. ``--preset official_bcm``: its
+background-compensation inference (PNDM, 50 steps, guidance 2.0, 1.2 for screw) for weights trained with
+``--bcm``, which sample on the backgrounds of ``train/good`` images (``--bcm_fg_mask_dir``, ``--bcm_data_dir``).
 
 Resumable and shardable (eval/sharding.py): sample ``i`` uses its own seed ``--seed + i`` and always falls in
 batch ``i // --batch_size``; each file is written atomically as soon as its batch is made; a batch with a
@@ -45,7 +47,7 @@ from datasets.mvtec import FG_BACKGROUNDS
 from eval.manifest import record_generation
 from eval.sharding import batches_for_this_process, process_state, sample_device
 from models.dual_lora_io import LEGACY_FG_BACKGROUND
-from models.dual_sampling import PRESETS, sample_pairs
+from models.dual_sampling import BCM_DEFAULT_GUIDANCE, BCM_REFERENCE_GUIDANCE, PRESETS, sample_pairs
 from models.dual_sampling import encode_prompts as encode_prompts
 from models.mask_extraction import MaskParams, extract_mask, mask_to_image
 from models.schedulers import SCHEDULERS, make_scheduler
@@ -77,7 +79,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         default="fast",
         help="defaults of --scheduler/--num_inference_steps/--guidance_scale: fast = ddim, 50, 2.5; "
-        "official = DualAnoDiff's inference (pndm, 100, 2.5)",
+        "official = DualAnoDiff's inference (pndm, 100, 2.5); official_bcm = its BCM inference (pndm, 50, "
+        "2.0; screw 1.2)",
     )
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the preset's)")
     p.add_argument(
@@ -164,10 +167,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MaskParams.min_area_fraction,
         help="mask extraction: drop components smaller than this fraction of the image",
     )
+    s2.add_argument(
+        "--bcm_fg_mask_dir",
+        default=None,
+        help="weights trained with --bcm: foreground masks of the good images, <dir>/<class>/good/<file> "
+        "(default: the training run's --bcm_fg_mask_dir, from dual_config.json)",
+    )
+    s2.add_argument(
+        "--bcm_data_dir",
+        default=None,
+        help="weights trained with --bcm: MVTec root whose <class>/train/good images give the backgrounds "
+        "(default: the training run's --instance_data_dir)",
+    )
+    s2.add_argument(
+        "--bcm_background_every",
+        type=int,
+        default=None,
+        help="weights trained with --bcm: consecutive samples per background (default: the reference's 50; "
+        "10 for screw)",
+    )
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.preset == "official_bcm" and args.guidance_scale is None:
+        args.guidance_scale = BCM_REFERENCE_GUIDANCE.get(args.mvtec_name, BCM_DEFAULT_GUIDANCE)
     if args.num_images < 1 or args.num_inference_steps < 1 or args.batch_size < 1:
         p.error("--num_images, --num_inference_steps and --batch_size must be >= 1")
     if args.guidance_scale < 1.0:
@@ -222,7 +246,38 @@ def check_inputs(args: argparse.Namespace) -> None:
             f"stage-2 weights not found: {Path(args.weights_dir) / DUAL_CONFIG_NAME} does not exist. Pass the "
             "stage-2 --output_dir (or a checkpoint-<step>/ in it) of bash script/train/train_stage2-dual.sh."
         )
+    elif args.stage == "stage2":
+        problems.extend(_bcm_problems(args))
     raise_if_problems(problems, f"{args.stage}: cannot start")
+
+
+def _bcm_sources(args: argparse.Namespace, config: dict) -> tuple[str | None, str | None]:
+    """(MVTec root, foreground-mask dir) of a background-compensation model: flags, else the training run's."""
+    return (
+        args.bcm_data_dir or config.get("instance_data_dir"),
+        args.bcm_fg_mask_dir or config.get("bcm_fg_mask_dir"),
+    )
+
+
+def _bcm_problems(args: argparse.Namespace) -> list:
+    """What a background-compensation (--bcm) model lacks to sample: the good images and their masks."""
+    from datasets.bcm_background import good_background_paths
+    from models.dual_lora import read_dual_config
+
+    config = read_dual_config(args.weights_dir)
+    if not config.get("background_compensation"):
+        return []
+    root, masks = _bcm_sources(args, config)
+    if root is None or masks is None:
+        return [
+            f"{args.weights_dir} was trained with background compensation (--bcm): pass --bcm_data_dir (MVTec "
+            "root with <class>/train/good) and --bcm_fg_mask_dir (masks <dir>/<class>/good/<file>)"
+        ]
+    try:
+        good_background_paths(root, args.mvtec_name, masks)
+    except FileNotFoundError as err:
+        return [err]
+    return []
 
 
 def load_stage1_pipeline(args: argparse.Namespace):

@@ -142,6 +142,26 @@ def load_dual_weights(
     return config
 
 
+def dual_unet_from_config(unet: nn.Module, config: dict[str, Any]) -> DualLoRAUNet:
+    """The (untrained) stage-2 model that ``dual_config.json`` describes, built on ``unet``."""
+    model_class, extra = DualLoRAUNet, {}
+    if config.get("background_compensation"):  # DualAnoDiff's BCM variant (models/bcm_reference_attention.py)
+        from models.bcm_reference_attention import BCMDualLoRAUNet as model_class
+
+        extra["bcm_mlp_hidden"] = int(config["bcm_mlp_hidden"])
+    return model_class(
+        unet,
+        rank=int(config["rank"]),
+        alpha=float(config["alpha"]),
+        dual_mode=config["dual_mode"],
+        interaction_reduction=int(config["interaction_reduction"]),
+        target_modules=tuple(config["target_modules"]),
+        interaction_preset=config["interaction_preset"],
+        interaction_init=config["interaction_init"],
+        **extra,
+    )
+
+
 def load_dual_unet(
     pretrained_model_name_or_path: str | os.PathLike,
     weights_dir: str | os.PathLike,
@@ -165,17 +185,7 @@ def load_dual_unet(
         sd15_how_to_get(),
         required_files=("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"),
     )
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    dual = DualLoRAUNet(
-        unet,
-        rank=int(config["rank"]),
-        alpha=float(config["alpha"]),
-        dual_mode=config["dual_mode"],
-        interaction_reduction=int(config["interaction_reduction"]),
-        target_modules=tuple(config["target_modules"]),
-        interaction_preset=config["interaction_preset"],
-        interaction_init=config["interaction_init"],
-    )
+    dual = dual_unet_from_config(UNet2DConditionModel.from_pretrained(root, subfolder="unet"), config)
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
     if config.get("text_encoder_lora"):
         add_text_encoder_lora(text_encoder, rank=int(config["text_encoder_rank"]))

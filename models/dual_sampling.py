@@ -16,7 +16,12 @@ from models.schedulers import make_scheduler, step_kwargs
 PRESETS = {
     "fast": {"scheduler": "ddim", "num_inference_steps": 50, "guidance_scale": 2.5},
     "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
+    # DualAnoDiff's BCM inference (inference_test_tempt.py): 50 steps, guidance 2.0 (screw 1.2: see below)
+    "official_bcm": {"scheduler": "pndm", "num_inference_steps": 50},
 }
+# The BCM script's per-class guidance (its only exception) and its value for every other class.
+BCM_REFERENCE_GUIDANCE = {"screw": 1.2}
+BCM_DEFAULT_GUIDANCE = 2.0
 
 
 @torch.no_grad()

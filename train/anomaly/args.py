@@ -319,6 +319,20 @@ def stage2_parser() -> argparse.ArgumentParser:
         help="A ground-truth mask whose size differs from its image: error (naming both files), or resize "
         "it onto the image's size first so that both get the same resize and crop.",
     )
+    g = parser.add_argument_group("background compensation (DualAnoDiff's BCM variant)")
+    g.add_argument(
+        "--bcm",
+        action="store_true",
+        help="Train the bcm-dual-interrelated_diff variant: the defect image with its object's foreground "
+        "removed conditions the blend branch's self-attention through a write/read U-Net pass "
+        "(models/bcm_reference_attention.py). Needs --bcm_fg_mask_dir.",
+    )
+    g.add_argument(
+        "--bcm_fg_mask_dir",
+        default=None,
+        help="Foreground (salient-object) masks: <dir>/<class>/<defect>/<image file name> for the training "
+        "images (and <dir>/<class>/good/... for generation); e.g. U-2-Net's output, white = object.",
+    )
     return parser
 
 
@@ -402,6 +416,14 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
             args.interaction_reduction = 4
         need(args.interaction_reduction >= 1, "--interaction_reduction must be >= 1")
     args.report_to = resolve_report_to(args.report_to)  # before any model is loaded
+    if getattr(args, "bcm", False):
+        need(args.bcm_fg_mask_dir is not None, "--bcm needs --bcm_fg_mask_dir (the foreground masks)")
+        need(args.dual_mode == "interrelated", "--bcm needs --dual_mode interrelated (the reference's model)")
+        need(
+            not args.gradient_checkpointing,
+            "--bcm does not support --gradient_checkpointing (its recomputation would replay the condition "
+            "pass with the dual pass's routing)",
+        )
     return args
 
 

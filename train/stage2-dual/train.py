@@ -15,6 +15,10 @@ into both branch sets (and its text-encoder LoRA); the interaction modules start
 (--interaction_init zero), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
 dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
 load them with ``models.dual_lora_io.load_dual_unet``.
+
+``--bcm --bcm_fg_mask_dir DIR``: DualAnoDiff's background-compensation variant (bcm-dual-interrelated_diff):
+each pair also carries its image's background (foreground masks from DIR), which conditions the blend branch's
+self-attention through a write/read U-Net pass (models/bcm_reference_attention.py; docs/anomaly_training.md).
 """
 
 import sys
@@ -48,6 +52,7 @@ from train.anomaly.components import (
 from train.anomaly.diffusion import (
     encode_images,
     noisy_and_target,
+    sample_noise,
     sample_pair_noise,
     sample_timesteps,
 )
@@ -154,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         args.resize_mode,
         args.fg_background,
     )
+    if args.bcm:  # DualAnoDiff's background compensation: each pair also carries its image's background
+        from datasets.bcm_background import BackgroundPairDataset
+
+        dataset = BackgroundPairDataset(
+            dataset,
+            args.bcm_fg_mask_dir,
+            args.mvtec_name,
+            args.mvtec_anomaly_name,
+            args.resolution,
+            resize_mode=args.resize_mode,
+            max_pixels=args.max_image_pixels,
+        )
+        logger.info("background compensation: foreground masks from %s", args.bcm_fg_mask_dir)
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (
         comps.unet,
@@ -179,13 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"error: checkpoint {stage2_ckpt} was trained with {key}={dual_cfg[key]!r}, "
                     f"this run asks for {flag!r}"
                 )
+        if bool(dual_cfg.get("background_compensation")) != args.bcm:
+            raise SystemExit(
+                f"error: checkpoint {stage2_ckpt} was trained {'without' if args.bcm else 'with'} --bcm; "
+                "pass the same --bcm setting to resume it"
+            )
         stage_start = int(dual_cfg.get("stage_start_step", 0))
         te_lora = bool(dual_cfg.get("text_encoder_lora"))
         if args.train_text_encoder and not te_lora:
             raise SystemExit(f"error: {stage2_ckpt} has no text-encoder LoRA; drop --train_text_encoder")
     else:
         te_lora = args.train_text_encoder
-    dual = DualLoRAUNet(
+    model_class = DualLoRAUNet
+    if args.bcm:
+        from models.bcm_reference_attention import BCMDualLoRAUNet as model_class
+    dual = model_class(
         unet,
         rank=args.rank,
         dual_mode=args.dual_mode,
@@ -244,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters())
     ]
     inter_params = list(dual.interactions.parameters())
+    bcm_params = list(dual.compensations.parameters()) if args.bcm else []
     te_params = (
         [p for n_, p in text_encoder.named_parameters() if "lora_" in n_] if args.train_text_encoder else []
     )
-    params = lora_params + inter_params + te_params
+    params = lora_params + inter_params + bcm_params + te_params
     for p in params:
         p.requires_grad_(True)
     prepare_model(dual, cfg)  # throughput options: --channels_last, --compile model
@@ -270,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         groups.append(
             {"params": inter_params, "lr": args.interaction_learning_rate or lr, "name": "interaction"}
         )
+    if bcm_params:  # the reference trains them with the LoRA's learning rate
+        groups.append({"params": bcm_params, "lr": lr, "name": "background_compensation"})
     if te_params:
         groups.append({"params": te_params, "lr": lr, "name": "text_encoder_lora"})
     optimizer = make_optimizer(groups, args)
@@ -292,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
         "stage1_checkpoint": str(stage1_ckpt) if stage1_ckpt else None,
     }
+    if args.bcm:  # generation defaults (eval/generate.py reads the good images' backgrounds from them)
+        extra.update(instance_data_dir=str(args.instance_data_dir), bcm_fg_mask_dir=str(args.bcm_fg_mask_dir))
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -339,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             e_b, e_f = fixed
         else:
             e_b, e_f = encode_prompt(text_encoder, ids_blend), encode_prompt(text_encoder, ids_fg)
-        pred_b, pred_f = dual_p(noisy_b, noisy_f, t, e_b.expand(b, -1, -1), e_f.expand(b, -1, -1))
+        bcm = {}
+        if args.bcm:  # the background, unscaled latents, noised to the pair's timestep (RefOnlyNoisedUNet)
+            from models.bcm_reference_attention import encode_condition, noised_condition
+
+            cond = encode_condition(vae, batch["condition_values"].to(device), gen)
+            bcm["condition"] = noised_condition(noise_scheduler, cond, sample_noise(cond, gen), t)
+        pred_b, pred_f = dual_p(noisy_b, noisy_f, t, e_b.expand(b, -1, -1), e_f.expand(b, -1, -1), **bcm)
         mse_b = F.mse_loss(pred_b.float(), tgt_b.float())
         mse_f = F.mse_loss(pred_f.float(), tgt_f.float())
         loss = 0.5 * (mse_b + mse_f)  # = MSE over the concatenated [blend; fg] batch
@@ -380,18 +417,38 @@ def main(argv: list[str] | None = None) -> int:
     def validate(step):
         if not accelerator.is_main_process:
             return
+        import contextlib
+
         from train.anomaly.validation import validate_stage2
 
-        path = validate_stage2(
-            accelerator,
-            args,
-            accelerator.unwrap_model(dual_p),
-            accelerator.unwrap_model(text_encoder),
-            vae,
-            comps.tokenizer,
-            noise_scheduler,
-            step,
-        )
+        model = accelerator.unwrap_model(dual_p)
+        condition = contextlib.nullcontext()
+        if args.bcm:  # validation samples on the training images' backgrounds (generation: good images')
+            from models.bcm_reference_attention import background_condition_for_sampling
+
+            n = args.num_validation_images
+            pixels = (
+                torch.stack([dataset.backgrounds[i % len(dataset)] for i in range(n)]).float() / 127.5 - 1
+            )
+            source = background_condition_for_sampling(
+                vae,
+                noise_scheduler,
+                pixels,
+                [args.seed + i for i in range(n)],
+                args.validation_guidance_scale > 1,
+            )
+            condition = model.conditioned(source)
+        with condition:
+            path = validate_stage2(
+                accelerator,
+                args,
+                model,
+                accelerator.unwrap_model(text_encoder),
+                vae,
+                comps.tokenizer,
+                noise_scheduler,
+                step,
+            )
         logger.info("validation samples: %s", path)
 
     run_stage(
