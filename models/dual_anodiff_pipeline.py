@@ -4,16 +4,22 @@
 
     pipe = DualAnoDiffPipeline.from_pretrained("models/stable-diffusion-v1-5",
                                                "all_generate/hazelnut/stage2-hole-dual").to("cuda")
-    out = pipe(num_images=4, num_inference_steps=50, guidance_scale=2.5, seed=0)
+    out = pipe(num_images=4, preset="official", seed=0)   # DualAnoDiff's sampling: PNDM, 100 steps, 2.5
     out.images[0], out.fg_images[0], out.masks[0]      # PIL: anomalous image, its foreground, the mask
+
+Sampling defaults come from ``preset``, as ``eval/generate.py --preset`` (the same table,
+``models.dual_sampling.PRESETS``): ``"fast"`` (default, like the CLI) = DDIM, 50 steps, guidance 2.5; ``"official"`` =
+DualAnoDiff's inference (the stock SD-1.5 pipeline's PNDM, 100 steps, guidance 2.5). ``sampler``,
+``num_inference_steps`` and ``guidance_scale`` given explicitly override the preset. Prompts default to the
+reference's ("a vfx with sks" / "sks", unconditional "").
 
 A diffusers ``DiffusionPipeline`` whose ``unet`` is the stage-2 :class:`models.dual_lora.DualLoRAUNet`:
 both branches are denoised jointly with the interaction modules active, exactly as ``eval/generate.py
-stage2`` does (the same sampler code, ``eval.generate.sample_pairs``; sample ``i`` uses seed ``seed + i``, so
-the pipeline and the CLI give the same images), and the mask is extracted from the fg image with
-``eval/mask_extraction.py``. ``weights_dir`` is a stage-2 ``--output_dir`` or ``checkpoint-<step>/``.
+stage2`` does (the same sampler code, ``models.dual_sampling.sample_pairs``; sample ``i`` uses seed
+``seed + i``, so the pipeline and the CLI give the same images), and the mask is extracted from the fg image
+with ``models/mask_extraction.py``. ``weights_dir`` is a stage-2 ``--output_dir`` or ``checkpoint-<step>/``.
 For a stock ``StableDiffusionPipeline`` (one branch, no interaction) use the per-branch LoRA files instead
-(``models.dual_lora.export_branch_loras``).
+(``models.dual_lora_io.export_branch_loras``).
 
 Saving and loading (a self-contained diffusers folder)::
 
@@ -82,7 +88,7 @@ class DualAnoDiffPipeline(DiffusionPipeline):
 
         Nothing is downloaded: a missing base names the files and how to get them.
         """
-        from models.dual_lora import DUAL_CONFIG_NAME, load_dual_unet
+        from models.dual_lora_io import DUAL_CONFIG_NAME, load_dual_unet
 
         if weights_dir is None:
             weights_dir = Path(pretrained_model_name_or_path) / SAVED_DUAL_SUBFOLDER
@@ -153,32 +159,47 @@ class DualAnoDiffPipeline(DiffusionPipeline):
         prompt_blend: str = "a vfx with sks",
         prompt_fg: str = "sks",
         negative_prompt: str = "",
-        num_inference_steps: int = 50,
-        guidance_scale: float = 2.5,
-        sampler: str = "ddim",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         seed: int = 0,
         resolution: int | None = None,
         batch_size: int = 4,
         mask_params=None,
         output_type: str = "pil",
+        preset: str = "fast",
         backgrounds: list[Image.Image] | None = None,
         background_every: int = 50,
     ) -> DualAnoDiffPipelineOutput:
         """Generate ``num_images`` (image, fg, mask) triplets; sample ``i`` is drawn with seed ``seed + i``.
 
+        ``preset``: ``"fast"`` (DDIM, 50, 2.5) or ``"official"`` (DualAnoDiff: PNDM, 100, 2.5) fills ``sampler``,
+        ``num_inference_steps`` and ``guidance_scale`` where they are None (``eval/generate.py --preset``).
         ``sampler`` as ``eval/generate.py --scheduler``; ``guidance_scale`` on both branches (1 = off);
         ``output_type``: ``"pil"`` (PIL images, masks as "L" images) or ``"pt"`` (``[N,3,H,W]`` tensors in
         [-1, 1], masks as boolean arrays).
         """
-        from eval.generate import sample_pairs
-        from eval.mask_extraction import MaskParams, extract_mask, mask_to_image
+        from models.dual_lora_io import LEGACY_FG_BACKGROUND
+        from models.dual_sampling import BCM_DEFAULT_GUIDANCE, BCM_REFERENCE_GUIDANCE, PRESETS, sample_pairs
+        from models.mask_extraction import MaskParams, extract_mask, mask_to_image
         from utils.images import to_pil
 
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        defaults = PRESETS[preset]
+        sampler = defaults["scheduler"] if sampler is None else sampler
+        num_inference_steps = (
+            defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        )
+        if guidance_scale is None:  # official_bcm: the BCM script's per-class value
+            class_name = self.weights_config.get("mvtec_name", "")
+            guidance_scale = defaults.get(
+                "guidance_scale", BCM_REFERENCE_GUIDANCE.get(class_name, BCM_DEFAULT_GUIDANCE)
+            )
         if num_images < 1 or batch_size < 1:
             raise ValueError("num_images and batch_size must be >= 1")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        from eval.generate import LEGACY_FG_BACKGROUND
 
         # the fg background the weights were trained with (grey by default; older weights: black)
         background = self.weights_config.get("fg_background", LEGACY_FG_BACKGROUND)

@@ -14,7 +14,7 @@ for both with --dual_mode shared, the seed's stage 2). Starting from a stage-1 c
 into both branch sets (and its text-encoder LoRA); the interaction modules start as the identity
 (--interaction_init zero), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
 dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
-load them with ``models.dual_lora.load_dual_unet``.
+load them with ``models.dual_lora_io.load_dual_unet``.
 
 ``--bcm --bcm_fg_mask_dir DIR``: DualAnoDiff's background-compensation variant (bcm-dual-interrelated_diff):
 each pair also carries its image's background (foreground masks from DIR), which conditions the blend branch's
@@ -26,39 +26,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import copy  # noqa: E402
+import copy
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from datasets.mvtec import MVTecAnomalyPairDataset  # noqa: E402
-from losses.dinov2_perceptual import DINOv2TargetCache  # noqa: E402
-from models.dual_lora import (  # noqa: E402
-    DUAL_CONFIG_NAME,
-    DualLoRAUNet,
+from datasets.mvtec import MVTecAnomalyPairDataset
+from losses.dinov2_perceptual import DINOv2TargetCache
+from models.dual_lora import DUAL_CONFIG_NAME, DualLoRAUNet
+from models.dual_lora_io import (
     add_text_encoder_lora,
     load_dual_weights,
     load_text_encoder_lora,
     read_dual_config,
     save_dual_weights,
 )
-from train.anomaly.args import parse, stage2_parser  # noqa: E402
-from train.anomaly.components import (  # noqa: E402
+from train.anomaly.args import parse, stage2_parser
+from train.anomaly.components import (
     LORA_WEIGHTS_NAME,
     encode_prompt,
     load_sd_components,
     read_stage1_lora,
     tokenize,
 )
-from train.anomaly.diffusion import (  # noqa: E402
+from train.anomaly.diffusion import (
     encode_images,
     noisy_and_target,
     sample_noise,
     sample_pair_noise,
     sample_timesteps,
 )
-from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
-from train.core import (  # noqa: E402
+from train.anomaly.loop import make_optimizer, run_stage
+from train.anomaly.model_cards import write_stage2_card
+from train.core import (
     core_config_from_args,
     make_accelerator,
     make_lr_scheduler,
@@ -66,9 +66,9 @@ from train.core import (  # noqa: E402
     to_channels_last,
     weight_dtype_of,
 )
-from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from utils.checkpoint import checkpoint_step, find_latest_checkpoint
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("stage2-dual")
 
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         resize_mode=args.resize_mode,
         fg_background=args.fg_background,
         max_pixels=args.max_image_pixels,
+        min_size=args.min_image_size,
         mask_size_mismatch=args.mask_size_mismatch,
     )
     logger.info(
@@ -403,13 +404,14 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             extra=extra,
         )
-        from models.dual_lora import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
+        from models.dual_lora_io import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
 
-        export_branch_loras(
+        branch_files = export_branch_loras(
             accelerator.unwrap_model(dual_p),
             accelerator.unwrap_model(text_encoder) if te_lora else None,
             args.output_dir,
         )
+        write_stage2_card(args, args.output_dir, [p.name for p in branch_files.values()])  # README.md
         logger.info("final dual weights in %s", args.output_dir)
 
     def validate(step):
