@@ -46,6 +46,7 @@ def border_mask(rgb: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     dist = ndimage.gaussian_filter(dist, sigma)
     if dist.max() - dist.min() < 1e-6:
         return np.zeros(dist.shape, dtype=bool)
+    dist = (dist - dist.min()) / (dist.max() - dist.min())  # otsu_threshold works on [0, 1] values
     return ndimage.binary_fill_holes(dist > otsu_threshold(dist))
 
 
