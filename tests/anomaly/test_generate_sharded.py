@@ -78,7 +78,7 @@ def lora_dir(tiny_assets, tmp_path_factory):
 def loaded(tiny_assets, dual_weights, lora_dir):
     """The models of both stages, loaded once for the in-process tests below."""
     import eval.generate as gen
-    from models.dual_lora import load_dual_unet
+    from models.dual_lora_io import load_dual_unet
 
     args = gen.parse_args(stage_argv("stage1", tiny_assets, lora_dir, Path("unused"), 1, "--device", "cpu"))
     return {
@@ -137,7 +137,7 @@ def test_two_shards_write_what_one_process_writes(
     stage, flags, tiny_assets, dual_weights, lora_dir, loaded, tmp_path, monkeypatch
 ):
     import eval.generate as gen
-    import models.dual_lora
+    import models.dual_lora_io
     from models.schedulers import make_scheduler
 
     def stage1_pipeline(args):  # loaded once per module; the sampler as the flags say
@@ -145,7 +145,7 @@ def test_two_shards_write_what_one_process_writes(
         return loaded["stage1"]
 
     monkeypatch.setattr(gen, "load_stage1_pipeline", stage1_pipeline)
-    monkeypatch.setattr(models.dual_lora, "load_dual_unet", lambda *a, **k: loaded["stage2"])
+    monkeypatch.setattr(models.dual_lora_io, "load_dual_unet", lambda *a, **k: loaded["stage2"])
     weights = lora_dir if stage == "stage1" else dual_weights
     run = gen.run_stage1 if stage == "stage1" else gen.run_stage2
     one, two = tmp_path / "one", tmp_path / "two"

@@ -116,7 +116,14 @@ def test_two_processes_write_what_one_writes_and_resume(
 
     ckpt = tiny_runs["aligned"] / "checkpoint-2"
     one = tmp_path / "one"
-    ev.main(["--checkpoints", str(ckpt), *eval_argv(tiny_assets, tmp_path, one)])
+    # the 1-process reference runs as a process of its own, with the workers' environment (threads, torch
+    # flags): run in this pytest process it differed in some bytes from the 2-process run (CPU numerics)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "evaluate_sd15.py"), "--checkpoints", str(ckpt),
+         *eval_argv(tiny_assets, tmp_path, one)],
+        cwd=REPO, env=_subprocess_env(tmp_path), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(samples(one)) == 5 and len(features(one)) == 3  # batches [0,1] [2,3] [4]
     two = tmp_path / "two"
     cmd = [*ACCELERATE, str(REPO / "eval" / "evaluate_sd15.py"), "--checkpoints", str(ckpt)]
