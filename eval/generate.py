@@ -331,6 +331,7 @@ def run_stage1(args: argparse.Namespace, state) -> Path:
 
 
 def run_stage2(args: argparse.Namespace, state) -> Path:
+    from models.bcm_reference_attention import sampling_condition
     from models.dual_lora_io import load_dual_unet
 
     out = Path(args.output_root) / args.mvtec_name / args.mvtec_anomaly_name
@@ -356,18 +357,35 @@ def run_stage2(args: argparse.Namespace, state) -> Path:
         threshold=args.mask_threshold,
         min_area_fraction=args.mask_min_area_fraction,
     )
-    for idx in progress(batches, desc="stage2", unit="batch", disable=not state.is_local_main_process):
-        blend, fg = sample_pairs(
-            components,
-            args.prompt_blend,
-            args.prompt_fg,
-            [args.seed + i for i in idx],
-            args.scheduler,
-            args.num_inference_steps,
-            args.guidance_scale,
-            args.negative_prompt,
-            args.resolution,
+    backgrounds, every = [], 1
+    if components["config"].get("background_compensation"):  # DualAnoDiff's BCM variant
+        from datasets.bcm_background import background_every, load_good_backgrounds
+
+        root, mask_dir = _bcm_sources(args, components["config"])
+        vae_scale = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+        size = args.resolution or components["dual_unet"].config.sample_size * vae_scale
+        backgrounds = load_good_backgrounds(root, args.mvtec_name, mask_dir, size)
+        every = background_every(args.mvtec_name, args.bcm_background_every)
+        logger.info(
+            "background compensation: %d good backgrounds, a new one every %d samples",
+            len(backgrounds),
+            every,
         )
+    for idx in progress(batches, desc="stage2", unit="batch", disable=not state.is_local_main_process):
+        seeds = [args.seed + i for i in idx]
+        # a sample's background is chosen by its global index: the same on 1 or N processes
+        with sampling_condition(components, backgrounds, idx, seeds, args.guidance_scale > 1.0, every):
+            blend, fg = sample_pairs(
+                components,
+                args.prompt_blend,
+                args.prompt_fg,
+                seeds,
+                args.scheduler,
+                args.num_inference_steps,
+                args.guidance_scale,
+                args.negative_prompt,
+                args.resolution,
+            )
         for k, i in enumerate(idx):
             if done(i):  # a resumed batch: its complete triplets stay as they are
                 continue

@@ -119,7 +119,8 @@ class DualAnoDiffPipeline(DiffusionPipeline):
 
         import diffusers
 
-        from models.dual_lora import DualLoRAUNet, _unwrap, save_dual_weights
+        from models.dual_lora import DualLoRAUNet
+        from models.dual_lora_io import _unwrap, save_dual_weights
         from utils.checkpoint import atomic_write
 
         dual = _unwrap(self.unet)

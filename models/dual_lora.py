@@ -427,6 +427,7 @@ _MOVED_TO_IO = frozenset(
         "BRANCH_LORA_NAMES",
         "add_text_encoder_lora",
         "branch_lora_state_dict",
+        "dual_unet_from_config",
         "export_branch_loras",
         "load_dual_unet",
         "load_dual_weights",

@@ -391,7 +391,7 @@ def test_sampling_equals_the_official_pipeline(guidance, tiny_assets, bcm_models
             cond_lat = backgrounds[k : k + 1]
         out = _official_pipeline_sample(
             ref,
-            "pndm",
+            kwargs["scheduler"],
             ddpm,
             latents0,
             pe_b,

@@ -202,7 +202,9 @@ def test_validation_uses_the_generation_sampler_with_the_flags(monkeypatch, tmp_
         seed=7,
     )
     dual = torch.nn.Linear(1, 1)
-    path = validate_stage2(argparse.Namespace(trackers=[]), args, dual, None, None, None, None, step=3)
+    path = validate_stage2(
+        argparse.Namespace(trackers=[], is_main_process=True), args, dual, None, None, None, None, step=3
+    )
     assert path.is_file() and dual.training
     (blend, fg, seeds, kw) = calls[0]
     assert (blend, fg, seeds) == ("a vfx with sks", "sks", [7, 8, 9])
