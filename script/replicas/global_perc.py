@@ -19,7 +19,7 @@ on the reconstructions.
 Part B, latent DINO head (`train/latent_dino_head/train.py`, run as is): distilled on the training digits against
 the stand-in DINOv2, from the stand-in SD VAE's latents. Agreement with the encoder on held-out digits: mean
 cosine and MSE between the student's final patch tokens (from latents) and the encoder's (from pixels), and the
-same for the CLS token, trained head vs the untrained head (same initialisation, step 0).
+same for the CLS token, trained head vs an untrained head (fresh, seeded with the run seed).
 
 Results under --out: `results.json`, `results.csv`, `summary.md` (mean +- std over seeds), `curves.png`
 (held-out metrics vs step), `reconstructions.png` (held-out digits, both arms, seed 0).
@@ -59,13 +59,13 @@ ARMS = {"mse": "MSE", "mse+gp": "MSE + GlobalPercLoss"}
 class Settings:
     """Run lengths and sizes (fixed before any comparison was looked at)."""
 
-    ae_steps: int = 300
-    ae_eval_every: int = 50
-    ae_batch: int = 32
+    ae_steps: int = 40
+    ae_eval_every: int = 20
+    ae_batch: int = 16
     ae_lr: float = 2e-3
     perc_weight: float = 1.0
-    head_steps: int = 300
-    head_batch: int = 32
+    head_steps: int = 40
+    head_batch: int = 16
     head_lr: float = 1e-3
     train_limit: int | None = None  # digits used (None: all 1,497 train / 300 test)
     test_limit: int | None = None
@@ -101,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="CI guard: tiny assets, few steps, no classifier metrics."
     )
-    p.add_argument("--ae_steps", type=int, default=None, help="Autoencoder steps (default 300; quick 25).")
-    p.add_argument("--head_steps", type=int, default=None, help="Latent-head steps (default 300; quick 20).")
+    p.add_argument("--ae_steps", type=int, default=None, help="Autoencoder steps (default 40; quick 25).")
+    p.add_argument("--head_steps", type=int, default=None, help="Latent-head steps (default 40; quick 20).")
     p.add_argument("--skip_head", action="store_true", help="Only part A (the autoencoder).")
     p.add_argument("--threads", type=int, default=2, help="torch threads.")
     args = p.parse_args(argv)
@@ -235,7 +235,7 @@ def train_ae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(mse))
+        losses.append(float(mse.detach()))
         if step % s.ae_eval_every == 0:
             ae.eval()
             row = evaluate_ae(ae, *data["test"], encoder, classifier)

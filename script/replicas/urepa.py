@@ -79,15 +79,15 @@ ARMS = (
 class Settings:
     """Run lengths and evaluation sizes (fixed before any comparison was looked at)."""
 
-    steps: int = 100
-    eval_every: int = 25
+    steps: int = 30
+    eval_every: int = 15
     batch_size: int = 64
     lr: float | None = None  # None: the config's optim.lr
     finetune: str = "lora"  # model.finetune
     # loss.prediction. The paper switches SD-1.5 to v; the stand-in is an eps model, and a 40-step probe of the
     # v switch with the LoRA whitelist barely moved the held-out v loss (1.1260 -> 1.1254, docs/replicas_urepa.md)
     prediction: str = "epsilon"
-    samples_per_class: int = 20  # Frechet distance / accuracy: 200 samples vs the 300 held-out digits
+    samples_per_class: int = 10  # Frechet distance / accuracy: 100 samples vs the 300 held-out digits
     sample_steps: int = 10  # DPM-Solver++ (evaluate_sd15.py's default sampler; 25 steps there)
     cfg_scale: float = 3.0  # the stand-in's own evaluation (preprocessing/trained_assets.py) uses CFG 3
     align_images: int = 300  # held-out digits for SVCCA / CKNNA / held-out losses
@@ -141,15 +141,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="CI guard: tiny assets, few steps, no classifier metrics."
     )
-    p.add_argument(
-        "--steps", type=int, default=None, help="Training steps per run (default: 100; quick: 20)."
-    )
+    p.add_argument("--steps", type=int, default=None, help="Training steps per run (default: 30; quick: 20).")
     p.add_argument("--eval_every", type=int, default=None, help="Checkpoint + evaluation interval in steps.")
+    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: the config's 1e-2).")
+    p.add_argument(
+        "--prediction",
+        choices=("epsilon", "v"),
+        default=None,
+        help="Diffusion target (default epsilon, the stand-in's own; v is the paper's switch, see the docs).",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads.")
     args = p.parse_args(argv)
     settings = QUICK if args.quick else FULL
     settings = dataclasses.replace(
         settings,
+        lr=args.lr if args.lr is not None else settings.lr,
+        prediction=args.prediction or settings.prediction,
         steps=args.steps or settings.steps,
         eval_every=args.eval_every or (args.steps if args.quick and args.steps else settings.eval_every),
     )
@@ -359,6 +366,7 @@ class Evaluator:
         g = torch.Generator().manual_seed(1234)
         self.noise = torch.randn(self.latents.shape, generator=g)
         self.timesteps = torch.randint(0, 1000, (n,), generator=g)
+        self._start: dict[int, dict[str, float]] = {}  # step-0 sample / alignment metrics per seed
         self.classifier = None
         if assets.get("classifier") is not None and s.samples_per_class:
             from eval.fid import feature_stats
@@ -482,12 +490,18 @@ class Evaluator:
 
     def evaluate(self, cfg: dict[str, Any], ckpt: Path | None, seed: int) -> tuple[dict[str, float], Any]:
         model = self.load(cfg, ckpt, seed)
-        row = {**self.held_out(model, cfg), **self.alignment(model)}
+        row = self.held_out(model, cfg)
+        if ckpt is None and seed in self._start:  # step 0: the same base U-Net in every arm (zero LoRA)
+            row.update(self._start[seed])
+            return row, None
+        shared = self.alignment(model)
         images = None
         if self.classifier is not None:
             images = self.samples(model, cfg)
-            row.update(self.sample_metrics(images))
-        return row, images
+            shared.update(self.sample_metrics(images))
+        if ckpt is None:
+            self._start[seed] = shared
+        return {**row, **shared}, images
 
 
 # ------------------------------------------------------------------------------------------------ reporting

@@ -7,6 +7,7 @@ stated margins; a loss that does not reach the optimizer, or a head file that is
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,6 +18,7 @@ def load_replica(name: str):
         f"replica_{name}", REPO / "script" / "replicas" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
