@@ -166,7 +166,7 @@ def load_split(digits: Path, split: str, limit: int | None) -> tuple[torch.Tenso
                 f"{digits / split / str(d)}: no PNG files (expected the trained-asset digit layout)"
             )
         files = files[: max(1, limit // 10)] if limit else files
-        images += [torch.from_numpy(np.asarray(load_rgb(f))).permute(2, 0, 1) for f in files]
+        images += [torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1) for f in files]
         labels += [d] * len(files)
     return torch.stack(images).float() / 127.5 - 1, torch.tensor(labels)
 

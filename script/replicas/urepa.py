@@ -377,9 +377,7 @@ class Evaluator:
             with open(data["test_csv"], newline="") as f:
                 paths = [r["img_path"] for r in csv.DictReader(f)]
             ref = (
-                torch.stack(
-                    [torch.from_numpy(np.asarray(load_rgb(p))).permute(2, 0, 1) for p in paths]
-                ).float()
+                torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in paths]).float()
                 / 127.5
                 - 1
             )
