@@ -1,0 +1,708 @@
+"""U-REPA replica (seed 004) at CPU scale: does aligning the U-Net to DINOv2 make a LoRA fine-tune learn faster?
+
+    python script/replicas/urepa.py --assets .cache/trained --out outputs/replicas/urepa --seeds 0 1 2
+    python script/replicas/urepa.py --quick            # CI guard, <= 60 s: random tiny assets, a few steps
+
+What it does, all with the repo's own code paths:
+
+1. Data: the scikit-learn digits of the trained assets (`preprocessing/trained_assets.py`: ImageFolder
+   `{train,test}/<digit>/NNNN.png`, 64 px) written as the sample CSV the cache builders read
+   (`id,img_path,class_id,synset`), then `preprocessing/build_caches.py` (stand-in VAE latents + stand-in DINOv2
+   tokens, one pass) and `preprocessing/prepare_clip_embeddings.py` (prompts "a photo of the digit {name}", the
+   prompts the stand-in SD was pretrained with).
+2. Training: `train_sd15.main` with `configs/sd15_repa_replica_digits.yaml` (setting A's recipe: LoRA on the
+   mid / down_blocks.3 / up_blocks.0 whitelist, EMA, warmup + cosine; eps prediction, see Settings) for three arms with the
+   same seeds, data order and steps: U-REPA (lambda 0.8, w 3), baseline (lambda 0), token-only (lambda 0.8, w 0).
+3. Evaluation of every checkpoint (EMA weights, loaded back from the checkpoint files) and of the untrained
+   start (step 0):
+   - class-conditional samples (`train/urepa/sampling.py`: DPM-Solver++, interval CFG) decoded by the stand-in
+     VAE, scored by the separately trained digit classifier (`models/digit_classifier.py`, never a training
+     signal): Frechet distance of its 64-d features to the held-out test digits (clean-fid's
+     `frechet_distance`, as `eval/fid.py`), and class accuracy (argmax == prompted digit);
+   - alignment of the raw U-Net mid features with the DINO tokens of the held-out digits at t = 250
+     (`eval/alignment.py`: SVCCA on tokens as `eval/evaluate_sd15.py`, CKNNA on per-image features);
+   - held-out diffusion loss and (arms with a head) held-out token loss, fixed noise and timesteps.
+4. Results under --out: `results.json`, `results.csv` (one row per arm, seed, step), `summary.md` (mean +- std
+   over seeds at each step and the steps each arm needs to reach the baseline's final Frechet distance),
+   `curves.png` (metrics vs step, mean +- std bands), `samples.png` (final samples of each arm, seed 0).
+
+The quick mode (`--quick`) runs the same pipeline on the random tiny assets (`preprocessing/make_tiny_assets.py`)
+and a digit subset for a few steps, without the classifier metrics (those need the trained classifier): it is
+the CI guard that training reduces the held-out losses below the untrained model's
+(`tests/replicas/test_urepa_replica.py`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from utils.cli import UserError, run_cli  # noqa: E402
+from utils.logging import get_logger  # noqa: E402
+
+logger = get_logger("replica_urepa")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG = REPO_ROOT / "configs" / "sd15_repa_replica_digits.yaml"
+DIGIT_TEMPLATE = "a photo of the digit {}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    align_coeff: float
+    manifold_coeff: float
+
+
+ARMS = (
+    Arm("urepa", "U-REPA (lambda 0.8, w 3)", 0.8, 3.0),
+    Arm("baseline", "baseline (lambda 0)", 0.0, 3.0),
+    Arm("token_only", "token only (lambda 0.8, w 0)", 0.8, 0.0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Run lengths and evaluation sizes (fixed before any comparison was looked at)."""
+
+    steps: int = 30
+    eval_every: int = 15
+    batch_size: int = 64
+    lr: float | None = None  # None: the config's optim.lr
+    finetune: str = "lora"  # model.finetune
+    # loss.prediction. The paper switches SD-1.5 to v; the stand-in is an eps model, and a 40-step probe of the
+    # v switch with the LoRA whitelist barely moved the held-out v loss (1.1260 -> 1.1254, docs/replicas_urepa.md)
+    prediction: str = "epsilon"
+    samples_per_class: int = 10  # Frechet distance / accuracy: 100 samples vs the 300 held-out digits
+    sample_steps: int = 10  # DPM-Solver++ (evaluate_sd15.py's default sampler; 25 steps there)
+    cfg_scale: float = 3.0  # the stand-in's own evaluation (preprocessing/trained_assets.py) uses CFG 3
+    align_images: int = 300  # held-out digits for SVCCA / CKNNA / held-out losses
+    align_timestep: int = 250  # as eval/evaluate_sd15.py
+    cknna_topk: int = 10  # as REPA's evaluation
+    train_limit: int | None = None  # digits per split (None: all)
+    test_limit: int | None = None
+
+
+FULL = Settings()
+QUICK = Settings(
+    steps=20,
+    eval_every=20,
+    batch_size=16,
+    lr=1e-2,  # random tiny U-Net, 20 steps: a visible change of the held-out losses within the CI budget
+    samples_per_class=0,
+    align_images=40,
+    cknna_topk=5,
+    train_limit=100,
+    test_limit=40,
+)
+QUICK_ARMS = ("urepa", "baseline")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--assets",
+        default=None,
+        help="Trained-asset tree of preprocessing/trained_assets.py (TRAINED_ASSETS.json in it), used read-only. "
+        "Default: .cache/trained, or with --quick the random tiny assets (.cache/tiny, built if missing).",
+    )
+    p.add_argument("--out", default="outputs/replicas/urepa", help="Results: JSON, CSV, markdown, figures.")
+    p.add_argument(
+        "--work", default=None, help="Caches and checkpoints (default: <out>/work); reused when rerun."
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Training seeds, each arm runs each (default 0 1 2; quick: 0).",
+    )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        choices=[a.name for a in ARMS],
+        help="Which arms to run (default: all three; quick: urepa baseline).",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="CI guard: tiny assets, few steps, no classifier metrics."
+    )
+    p.add_argument("--steps", type=int, default=None, help="Training steps per run (default: 30; quick: 20).")
+    p.add_argument("--eval_every", type=int, default=None, help="Checkpoint + evaluation interval in steps.")
+    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: the config's 1e-2).")
+    p.add_argument(
+        "--prediction",
+        choices=("epsilon", "v"),
+        default=None,
+        help="Diffusion target (default epsilon, the stand-in's own; v is the paper's switch, see the docs).",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads.")
+    args = p.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    settings = dataclasses.replace(
+        settings,
+        lr=args.lr if args.lr is not None else settings.lr,
+        prediction=args.prediction or settings.prediction,
+        steps=args.steps or settings.steps,
+        eval_every=args.eval_every or (args.steps if args.quick and args.steps else settings.eval_every),
+    )
+    if settings.steps < 1 or settings.eval_every < 1 or settings.steps % settings.eval_every:
+        p.error(
+            f"--steps ({settings.steps}) must be a positive multiple of --eval_every ({settings.eval_every})"
+        )
+    args.settings = settings
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.arms = args.arms or (list(QUICK_ARMS) if args.quick else [a.name for a in ARMS])
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ assets, data
+def resolve_assets(args: argparse.Namespace) -> dict[str, Path]:
+    """Paths of the models and digits: a trained-asset tree, or (quick) the random tiny assets + fresh digits."""
+    from preprocessing.trained_assets import STAMP_NAME, asset_paths
+
+    if args.assets is None and args.quick:
+        from preprocessing.digits import write_digits
+        from preprocessing.make_tiny_assets import ensure_tiny_assets
+
+        tiny = ensure_tiny_assets(REPO_ROOT / ".cache" / "tiny")
+        digits = Path(args.work) / "digits"
+        if not (digits / "test").is_dir():
+            write_digits(digits)
+        return {
+            "digits": digits,
+            "sd15": Path(tiny["sd15"]),
+            "dinov2_official": Path(tiny["dinov2_official"]),
+            "classifier": None,
+            "kind": "random tiny assets (preprocessing/make_tiny_assets.py)",
+        }
+    root = Path(args.assets or REPO_ROOT / ".cache" / "trained")
+    if not (root / STAMP_NAME).is_file():
+        raise UserError(
+            f"--assets {root}: no {STAMP_NAME} in it (not a finished trained-asset tree); build it with "
+            f"python preprocessing/trained_assets.py --out {root}"
+        )
+    paths = asset_paths(root)
+    stamp = json.loads((root / STAMP_NAME).read_text())
+    quick_build = stamp.get("options", {}).get("sd_steps", 0) < 100
+    return {
+        "digits": paths["digits"],
+        "sd15": paths["sd15"],
+        "dinov2_official": paths["dinov2_official"],
+        "classifier": paths["classifier"],
+        "kind": f"trained assets {root} ({'QUICK build, untrained' if quick_build else 'full build'})",
+    }
+
+
+def digit_rows(digits: Path, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """Sample-CSV rows of one split, ids `<split>_<digit>_<index>`; `limit` keeps a class-balanced prefix."""
+    rows = []
+    for d in range(10):
+        files = sorted((digits / split / str(d)).glob("*.png"))
+        if not files:
+            raise UserError(
+                f"{digits / split / str(d)}: no PNG files (expected the trained-asset digit layout)"
+            )
+        rows += [
+            {
+                "id": f"{split}_{d}_{f.stem}",
+                "img_path": str(f.resolve()),
+                "class_id": d,
+                "synset": f"digit{d}",
+            }
+            for f in files
+        ]
+    if limit:
+        per_class = max(1, limit // 10)
+        rows = [r for d in range(10) for r in [r for r in rows if r["class_id"] == d][:per_class]]
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    from datasets.sample_csv import CSV_COLUMNS
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def prepare_data(assets: dict[str, Any], work: Path, s: Settings) -> dict[str, Path]:
+    """CSV files, latent + DINO caches (one pass over train and test) and the prompt table (resumable)."""
+    from preprocessing import build_caches, prepare_clip_embeddings
+    from preprocessing.digits import DIGIT_WORDS
+
+    data = work / "data"
+    out = {
+        "train_csv": write_csv(digit_rows(assets["digits"], "train", s.train_limit), data / "train.csv"),
+        "test_csv": write_csv(digit_rows(assets["digits"], "test", s.test_limit), data / "test.csv"),
+        "latents": data / "latents",
+        "dino": data / "dino",
+        "clip": data / "clip.safetensors",
+    }
+    all_csv = write_csv(
+        digit_rows(assets["digits"], "train", s.train_limit)
+        + digit_rows(assets["digits"], "test", s.test_limit),
+        data / "all.csv",
+    )
+    build_caches.main(
+        [
+            "--csv",
+            str(all_csv),
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "64",
+            "--latent_dir",
+            str(out["latents"]),
+            "--pretrained_model_name_or_path",
+            str(assets["sd15"]),
+            "--vae_resolution",
+            "64",
+            "--dino_dir",
+            str(out["dino"]),
+            "--dinov2_weights",
+            str(assets["dinov2_official"]),
+            "--variant",
+            "tiny14",
+            "--dino_resolution",
+            "56",
+        ]  # fmt: skip
+    )
+    if not out["clip"].is_file():
+        index = data / "digit_classes.json"
+        index.write_text(json.dumps({str(d): [f"digit{d}", w] for d, w in enumerate(DIGIT_WORDS)}))
+        prepare_clip_embeddings.main(
+            [
+                "--pretrained_model_name_or_path",
+                str(assets["sd15"]),
+                "--class_index_json",
+                str(index),
+                "--template",
+                DIGIT_TEMPLATE,
+                "--out",
+                str(out["clip"]),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ]  # fmt: skip
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training
+def logged_losses(run_dir: Path) -> list[dict[str, float]]:
+    """The trainer's logged loss terms (training core's losses.jsonl), one dict per log_every steps."""
+    path = run_dir / "losses.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def train_run(arm: Arm, seed: int, data: dict[str, Path], assets: dict[str, Any], run_dir: Path, s: Settings):
+    """One train_sd15.py run (resumes a finished or interrupted run in run_dir: nothing is redone)."""
+    import train_sd15
+
+    overrides = [
+        f"output_dir={run_dir}",
+        f"seed={seed}",
+        f"model.pretrained={assets['sd15']}",
+        f"data.csv={data['train_csv']}",
+        f"data.latent_dir={data['latents']}",
+        f"data.dino_dir={data['dino']}",
+        f"data.clip_embeddings={data['clip']}",
+        f"loss.align_coeff={arm.align_coeff}",
+        f"loss.manifold_coeff={arm.manifold_coeff}",
+        f"train.max_steps={s.steps}",
+        f"train.checkpointing_steps={s.eval_every}",
+        f"train.batch_size={s.batch_size}",
+        f"train.log_every={max(1, min(25, s.steps // 4))}",
+        f"model.finetune={s.finetune}",
+        f"loss.prediction={s.prediction}",
+    ] + ([f"optim.lr={s.lr}"] if s.lr is not None else [])
+    if (run_dir / f"checkpoint-{s.steps}").is_dir():
+        return
+    train_sd15.main(["--config", str(CONFIG), "--set", *overrides])
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+class Evaluator:
+    """Everything shared by the evaluations: held-out data, VAE, scheduler, prompt table, classifier."""
+
+    def __init__(self, assets: dict[str, Any], data: dict[str, Path], s: Settings) -> None:
+        from datasets.sd15_aligned import SD15AlignedDataset
+        from train.urepa.data import load_clip_embeddings
+        from train.urepa.setup import load_scheduler_config, load_vae
+
+        self.s = s
+        self.sd_dir = Path(assets["sd15"])
+        self.vae = load_vae(self.sd_dir).eval().requires_grad_(False)
+        self.scheduler_config = load_scheduler_config(self.sd_dir)
+        self.table = load_clip_embeddings(data["clip"]).float()
+        ds = SD15AlignedDataset(
+            data["test_csv"], data["latents"], data["dino"], data["clip"], cfg_dropout=0.0,
+            sample_posterior=False, layers=("mid",),
+        )  # fmt: skip
+        n = min(s.align_images, len(ds))
+        batch = ds.get_batch(list(range(n)))
+        self.latents = batch["latent"].float()
+        self.dino = batch["dino_tokens"]["mid"].float()
+        self.ehs = batch["encoder_hidden_states"].float()
+        g = torch.Generator().manual_seed(1234)
+        self.noise = torch.randn(self.latents.shape, generator=g)
+        self.timesteps = torch.randint(0, 1000, (n,), generator=g)
+        self._start: dict[int, dict[str, float]] = {}  # step-0 sample / alignment metrics per seed
+        self.classifier = None
+        if assets.get("classifier") is not None and s.samples_per_class:
+            from eval.fid import feature_stats
+            from models.digit_classifier import DigitClassifier
+            from utils.images import load_rgb
+
+            self.classifier = DigitClassifier.from_pretrained(assets["classifier"])
+            with open(data["test_csv"], newline="") as f:
+                paths = [r["img_path"] for r in csv.DictReader(f)]
+            ref = (
+                torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in paths]).float()
+                / 127.5
+                - 1
+            )
+            with torch.no_grad():
+                self.ref_stats = feature_stats(self.classifier.features(ref).double().numpy())
+
+    def load(self, cfg: dict[str, Any], ckpt: Path | None, seed: int):
+        """The aligned U-Net of a run: EMA weights of ``ckpt``, or the untrained start (zero LoRA, random head)."""
+        from train.urepa.checkpoint import load_trainable
+        from train.urepa.setup import build_aligned_model, load_unet
+
+        torch.manual_seed(seed)
+        align = float(cfg["loss"]["align_coeff"]) > 0
+        model = build_aligned_model(
+            cfg["model"], load_unet(self.sd_dir), int(cfg["model"]["D"]), tuple(cfg["model"]["grid"]), align,
+            verbose=False,
+        )  # fmt: skip
+        if ckpt is not None:
+            load_trainable(model, ckpt, use_ema=True)
+        return model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def held_out(self, model, cfg: dict[str, Any]) -> dict[str, float]:
+        """Diffusion MSE (the configured prediction) and (with a head) token / manifold loss on the held-out digits, fixed draws."""
+        from diffusers import DDPMScheduler
+
+        from losses.urepa import URepaLoss
+
+        align = float(cfg["loss"]["align_coeff"]) > 0
+        criterion = URepaLoss(
+            DDPMScheduler.from_config(self.scheduler_config),
+            prediction=cfg["loss"]["prediction"],
+            align_coeff=float(cfg["loss"]["align_coeff"]),
+            manifold_coeff=float(cfg["loss"]["manifold_coeff"]),
+        )
+        terms = criterion(
+            model, self.latents, {"mid": self.dino}, self.ehs, noise=self.noise, timesteps=self.timesteps
+        )
+        out = {"heldout_diffusion_loss": float(terms["loss_diff"])}
+        if align:
+            out["heldout_token_loss"] = float(terms["loss_token"])
+        return out
+
+    @torch.no_grad()
+    def alignment(self, model) -> dict[str, float]:
+        """SVCCA (tokens, as eval/evaluate_sd15.py) and CKNNA (per image) of raw mid features vs DINO tokens."""
+        from diffusers import DDPMScheduler
+
+        from eval.alignment import cknna_score, features_to_tokens, svcca_score
+        from models.sd15_unet_aligned import capture_features
+
+        scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        t = torch.full((len(self.latents),), self.s.align_timestep, dtype=torch.long)
+        x_t = scheduler.add_noise(self.latents, self.noise, t)
+        with capture_features(model.unet, ["mid"]) as feats:
+            model.unet(x_t, t, encoder_hidden_states=self.ehs)
+        side = int(round(self.dino.shape[1] ** 0.5))
+        u = features_to_tokens(feats["mid"], (side, self.dino.shape[1] // side))
+        return {
+            "svcca": svcca_score(
+                u.reshape(-1, u.shape[-1]).numpy(), self.dino.reshape(-1, self.dino.shape[-1]).numpy()
+            ),
+            "cknna": cknna_score(u.mean(1).numpy(), self.dino.mean(1).numpy(), topk=self.s.cknna_topk),
+        }
+
+    @torch.no_grad()
+    def samples(self, model, cfg: dict[str, Any], seed: int = 0) -> torch.Tensor:
+        """samples_per_class images of each digit in [-1, 1] (sample i: noise seeded by i, same for every model)."""
+        from train.urepa.sampling import decode_latents, make_scheduler, sample_latents
+
+        n = 10 * self.s.samples_per_class
+        classes = torch.arange(n) % 10
+        unet = model.unet
+        shape = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
+        noise = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+                for i in range(n)
+            ]
+        )
+        latents = sample_latents(
+            lambda x, t, c: model(x, t, c, return_tokens=False)[0],
+            self.table[classes],
+            self.table[-1],
+            make_scheduler(self.scheduler_config, "dpmsolver++", cfg["loss"]["prediction"]),
+            shape,
+            num_steps=self.s.sample_steps,
+            cfg_scale=self.s.cfg_scale,
+            guidance_low=0.0,
+            guidance_high=0.7,
+            noise=noise,
+        )
+        return decode_latents(self.vae, latents, batch_size=100)
+
+    @torch.no_grad()
+    def sample_metrics(self, images: torch.Tensor) -> dict[str, float]:
+        from eval.fid import feature_stats, frechet_distance
+
+        feats = self.classifier.features(images)
+        predicted = self.classifier.head(feats).argmax(1)
+        classes = torch.arange(len(images)) % 10
+        return {
+            "frechet_distance": float(
+                frechet_distance(*feature_stats(feats.double().numpy()), *self.ref_stats)
+            ),
+            "class_accuracy": float((predicted == classes).float().mean()),
+        }
+
+    def evaluate(self, cfg: dict[str, Any], ckpt: Path | None, seed: int) -> tuple[dict[str, float], Any]:
+        model = self.load(cfg, ckpt, seed)
+        row = self.held_out(model, cfg)
+        if ckpt is None and seed in self._start:  # step 0: the same base U-Net in every arm (zero LoRA)
+            row.update(self._start[seed])
+            return row, None
+        shared = self.alignment(model)
+        images = None
+        if self.classifier is not None:
+            images = self.samples(model, cfg)
+            shared.update(self.sample_metrics(images))
+        if ckpt is None:
+            self._start[seed] = shared
+        return {**row, **shared}, images
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+METRICS = (
+    ("frechet_distance", "Frechet distance (classifier features) vs held-out digits", "lower"),
+    ("class_accuracy", "class accuracy of samples", "higher"),
+    ("cknna", "CKNNA (U-Net mid vs DINO, held-out)", "higher"),
+    ("svcca", "SVCCA (U-Net mid vs DINO tokens, held-out)", "higher"),
+    ("heldout_diffusion_loss", "held-out diffusion loss (eps MSE)", "lower"),
+    ("heldout_token_loss", "held-out token loss (1 - cos)", "lower"),
+)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, tuple[float, float]]]]:
+    """{arm: {step: {metric: (mean, std over seeds)}}}."""
+    out: dict[str, dict[int, dict[str, tuple[float, float]]]] = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        for step in sorted({r["step"] for r in rows if r["arm"] == arm}):
+            sel = [r for r in rows if r["arm"] == arm and r["step"] == step]
+            out.setdefault(arm, {})[step] = {
+                m: mean_std([r[m] for r in sel]) for m, _, _ in METRICS if all(m in r for r in sel)
+            }
+    return out
+
+
+def steps_to_reach(rows: list[dict[str, Any]], metric: str, threshold: float, lower_is_better: bool) -> dict:
+    """Per arm: for each seed the first evaluated step whose metric is at least as good as threshold (None:
+    never within the run)."""
+    out: dict[str, list[int | None]] = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        for seed in sorted({r["seed"] for r in rows if r["arm"] == arm}):
+            pts = sorted((r["step"], r[metric]) for r in rows if r["arm"] == arm and r["seed"] == seed)
+            hit = [st for st, v in pts if (v <= threshold if lower_is_better else v >= threshold)]
+            out.setdefault(arm, []).append(hit[0] if hit else None)
+    return out
+
+
+def plot_curves(agg: dict, path: Path, title: str) -> Path:
+    from utils.figures import _pyplot, _save
+
+    plt = _pyplot()
+    metrics = [m for m in METRICS if any(m[0] in v for a in agg.values() for v in a.values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
+    labels = {a.name: a.label for a in ARMS}
+    for ax, (metric, name, better) in zip(axes[0], metrics):
+        for arm, steps in agg.items():
+            pts = [(st, *v[metric]) for st, v in sorted(steps.items()) if metric in v]
+            if not pts:
+                continue
+            x, mu, sd = (np.asarray(c) for c in zip(*pts))
+            ax.plot(x, mu, marker="o", ms=3, label=labels.get(arm, arm))
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.2)
+        ax.set_title(f"{name}\n({better} is better)", fontsize=8)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi=90)
+
+
+def write_summary(result: dict[str, Any], out: Path) -> str:
+    agg = result["aggregate"]
+    labels = {a.name: a.label for a in ARMS}
+    s = result["settings"]
+    seeds = result["seeds"]
+    lines = [
+        f"Mean +- std over seeds {seeds} (sample std, n = {len(seeds)}); {s['steps']} steps, batch {s['batch_size']}, "
+        f"evaluated every {s['eval_every']} steps (step 0 = the stand-in SD before fine-tuning: zero LoRA, untrained head).",
+        "",
+    ]
+    metrics = [m for m in METRICS if any(m[0] in v for a in agg.values() for v in a.values())]
+    header = (
+        "| arm | step | "
+        + " | ".join(f"{m[0]} ({'lower' if m[2] == 'lower' else 'higher'} better)" for m in metrics)
+        + " |"
+    )
+    lines += [header, "|" + "---|" * (len(metrics) + 2)]
+    for arm, steps in agg.items():
+        for step, v in sorted(steps.items()):
+            cells = [f"{v[m[0]][0]:.3f} +- {v[m[0]][1]:.3f}" if m[0] in v else "-" for m in metrics]
+            lines.append(f"| {labels.get(arm, arm)} | {step} | " + " | ".join(cells) + " |")
+    reach = result.get("steps_to_baseline_final")
+    if reach:
+        lines += [
+            "",
+            f"Steps to reach the baseline's final Frechet distance ({reach['threshold']:.3f}, mean over seeds at "
+            f"step {s['steps']}), per seed (`-`: not reached within {s['steps']} steps):",
+            "",
+            "| arm | steps per seed |",
+            "|---|---|",
+        ]
+        for arm, hits in reach["per_arm"].items():
+            lines.append(
+                f"| {labels.get(arm, arm)} | {', '.join('-' if h is None else str(h) for h in hits)} |"
+            )
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    s: Settings = args.settings
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    args.work = str(work)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    assets = resolve_assets(args)
+    logger.info(f"assets: {assets['kind']}")
+    data = prepare_data(assets, work, s)
+    seconds = {"data": round(time.perf_counter() - start, 1), "train": 0.0, "eval": 0.0}
+    evaluator = Evaluator(assets, data, s)
+    from train.urepa.checkpoint import load_checkpoint_config
+
+    rows: list[dict[str, Any]] = []
+    training: list[dict[str, Any]] = []
+    final_images: dict[str, torch.Tensor] = {}
+    for seed in args.seeds:
+        for arm in [a for a in ARMS if a.name in args.arms]:
+            run_dir = work / "runs" / f"{arm.name}_seed{seed}"
+            t0 = time.perf_counter()
+            train_run(arm, seed, data, assets, run_dir, s)
+            t1 = time.perf_counter()
+            seconds["train"] += t1 - t0
+            cfg = load_checkpoint_config(run_dir / f"checkpoint-{s.steps}")
+            log = logged_losses(run_dir)
+            training.append(
+                {
+                    "arm": arm.name,
+                    "seed": seed,
+                    "first": log[0] if log else None,
+                    "last": log[-1] if log else None,
+                }
+            )
+            for step in range(0, s.steps + 1, s.eval_every):
+                ckpt = run_dir / f"checkpoint-{step}" if step else None
+                row, images = evaluator.evaluate(cfg, ckpt, seed)
+                rows.append({"arm": arm.name, "seed": seed, "step": step, **row})
+                logger.info(json.dumps(rows[-1]))
+                if step == s.steps and seed == args.seeds[0] and images is not None:
+                    final_images[arm.name] = images
+            seconds["eval"] += time.perf_counter() - t1
+    agg = aggregate(rows)
+    result: dict[str, Any] = {
+        "replica": "U-REPA (seed 004) on the stand-in SD-1.5, scikit-learn digits",
+        "assets": assets["kind"],
+        "settings": dataclasses.asdict(s),
+        "arms": [dataclasses.asdict(a) for a in ARMS if a.name in args.arms],
+        "seeds": args.seeds,
+        "rows": rows,
+        "training_log": training,
+        "aggregate": {a: {str(st): v for st, v in steps.items()} for a, steps in agg.items()},
+    }
+    if "baseline" in agg and "frechet_distance" in agg["baseline"][s.steps]:
+        threshold = agg["baseline"][s.steps]["frechet_distance"][0]
+        result["steps_to_baseline_final"] = {
+            "metric": "frechet_distance",
+            "threshold": threshold,
+            "per_arm": steps_to_reach(rows, "frechet_distance", threshold, lower_is_better=True),
+        }
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    result["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads"
+    )
+    result["command"] = "python script/replicas/urepa.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        cols = ["arm", "seed", "step"] + [m for m, _, _ in METRICS if any(m in r for r in rows)]
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in cols} for r in rows)
+    result["aggregate"] = agg
+    summary = write_summary(result, out)
+    plot_curves(agg, out / "curves.png", f"U-REPA replica: {assets['kind']}, seeds {args.seeds}")
+    if final_images:
+        from utils.figures import save_labelled_grid
+
+        labels = {a.name: a.label for a in ARMS}
+        per_row = 10
+        save_labelled_grid(
+            torch.cat([img[:per_row] for img in final_images.values()]),
+            out / "samples.png",
+            ncols=per_row,
+            row_labels=[labels[a] for a in final_images],
+            col_labels=[str(d) for d in range(per_row)],
+            title=f"Samples after {s.steps} steps (seed {args.seeds[0]}, EMA), one digit per column, same noise",
+        )
+    print(summary)
+    logger.info(f"done in {seconds['total']:.0f} s: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
