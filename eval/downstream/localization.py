@@ -31,6 +31,7 @@ from datasets.mvtec import SPLIT_RULES, good_images  # noqa: E402
 from eval.downstream.data import (  # noqa: E402
     DEFAULT_SPLIT_RULE,
     GeneratedSegmentationDataset,
+    MixedSegmentationDataset,
     PerlinSegmentationDataset,
     TestItem,
     find_generated_pairs,
@@ -55,7 +56,7 @@ from utils.cli import run_cli  # noqa: E402
 from utils.logging import get_logger  # noqa: E402
 
 logger = get_logger("downstream.localization")
-SOURCES = ("generated", "perlin")
+SOURCES = ("generated", "perlin", "both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         choices=SOURCES,
         default="generated",
-        help="Anomalous training samples: generated pairs, or DRAEM-style Perlin-noise anomalies (baseline).",
+        help="Anomalous training samples: generated pairs, DRAEM-style Perlin-noise anomalies (baseline), or "
+        "both (each anomalous item is a generated pair or a Perlin anomaly with probability 1/2).",
     )
     g.add_argument(
         "--generated_root",
@@ -295,14 +297,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = held_out_test_set(args.mvtec_root, args.class_name, defects, args.split_rule)
     test_set = load_test_set(items, args.resolution)  # decoded now: a bad file fails before training
     good = good_images(args.mvtec_root, args.class_name)
-    if args.source == "generated":
+    train_counts: dict[str, int] = {"good": len(good)}
+    if args.source in ("generated", "both"):
         pairs = find_generated_pairs(args.generated_root, args.class_name, defects)
-        dataset = GeneratedSegmentationDataset(good, pairs, args.resolution, args.normal_ratio)
-        train_counts = {"good": len(good), **{d: len(p.images) for d, p in pairs.items()}}
-    else:
+        generated = GeneratedSegmentationDataset(good, pairs, args.resolution, args.normal_ratio)
+        train_counts.update({d: len(p.images) for d, p in pairs.items()})
+    if args.source in ("perlin", "both"):
         textures = texture_images(args.texture_dir) if args.texture_dir else good
-        dataset = PerlinSegmentationDataset(good, textures, args.resolution, args.normal_ratio)
-        train_counts = {"good": len(good), "textures": len(textures)}
+        perlin = PerlinSegmentationDataset(good, textures, args.resolution, args.normal_ratio)
+        train_counts["textures"] = len(textures)
+    if args.source == "both":
+        dataset = MixedSegmentationDataset(generated, perlin)
+    else:
+        dataset = generated if args.source == "generated" else perlin
     logger.info("training images: %s; test images: %d", train_counts, len(items))
 
     cfg = core_config_from_args(args, f"downstream-localization-{args.source}")
