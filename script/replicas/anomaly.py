@@ -133,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds (>= 3 for a table)."
     )
     p.add_argument("--quick", action="store_true", help="CI scale (see above): shows learning, nothing more.")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared machine a second thread mostly spins against other jobs).",
+    )
     return p
 
 

@@ -4,7 +4,8 @@
     python script/replicas/dinovq.py --quick --out outputs/replicas/dinovq_quick    # the CI guard's scale
 
 The repo's trainer (train/dinovq/train.py, config configs/dinovq_replica_digits.yaml) trains the tokenizer on
-the digits' train split (1,497 images, scikit-learn's load_digits upsampled to 64 px, random 56 px crops)
+the digits' train split (1,497 images, scikit-learn's load_digits upsampled to 64 px, resized to 28 px
+with random crops and flips, the trainer's augmentation)
 under three conditions that differ only in the loss, with the same seeds and steps:
 
     recon        pixel MSE + VQ commitment (model.dino_loss_weight 0)
@@ -22,7 +23,7 @@ reference every trained number must beat.
 Writes under --out: runs/<condition>-seed<k>/ (the trainer's outputs), results.json, results.csv,
 table.md, learning_curves.png, reconstructions.png.
 
---quick: one seed, two conditions (recon, recon+dino), a smaller tokenizer at 28 px and a short run on the
+--quick: one seed, two conditions (recon, recon+dino), a smaller tokenizer (7 px patches, DINO at 28 px) and a short run on the
 tiny random assets (.cache/tiny: no trained assets needed) with digits written under --out; it only shows
 that the loop learns (tests/replicas/test_dinovq_replica.py asserts it).
 """
@@ -73,12 +74,12 @@ class Scale:
     probe_test: int | None = None
 
 
-FULL = Scale(steps=400, eval_every=100)
+FULL = Scale(steps=300, eval_every=50)
 QUICK = Scale(
     steps=60,
     eval_every=30,
     overrides=(
-        "model.img_size=[28,28]",
+        "model.patch_size=7",
         "model.encoder_embed_dim=32",
         "model.encoder_depth=1",
         "model.decoder_depth=1",
@@ -109,10 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds (>= 3 for a table)."
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="Optimizer steps per run (default: 400; quick 60)."
+        "--steps", type=int, default=None, help="Optimizer steps per run (default: 300; quick 60)."
     )
     p.add_argument("--quick", action="store_true", help="CI scale (see above): shows learning, nothing more.")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared machine a second thread mostly spins against other jobs).",
+    )
     return p
 
 

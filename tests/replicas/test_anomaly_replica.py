@@ -25,7 +25,7 @@ def quick(tmp_path_factory) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("anomaly_quick")
-    result = module.main(["--quick", "--seeds", "0", "--out", str(out), "--threads", "2"])
+    result = module.main(["--quick", "--seeds", "0", "--out", str(out), "--threads", "1"])
     result["out"] = out
     return result
 
