@@ -13,7 +13,7 @@ Everything runs through the repo's own entry points, in-process (the code the co
    mask triplets; PNDM with guidance 2.5 as `--preset official`, fewer steps). Sample i uses seed i in every
    run, so the two conditions are compared on the same initial noise.
 2. eval/downstream/localization.py: DRAEM's segmentation U-Net trained on (a) the `dino` run's generated pairs,
-   (a') the `no_dino` run's, (b) Perlin anomalies, (c) both (`--source both`), tested on the held-out test
+   (b) Perlin anomalies, (c) both (`--source both`), tested on the held-out test
    images (20 good + the 7 `hole` images outside the few-shot split): pixel AUROC, AP, AU-PRO, image AUROC;
    the same U-Net untrained (same seed) is the reference.
 3. Generated-image quality in a feature space no loss here trains on (the digit classifier of the trained
@@ -67,7 +67,7 @@ from utils.cli import UserError, run_cli  # noqa: E402
 
 CLASS, DEFECT = "hazelnut", "hole"
 CONDITIONS = ("dino", "no_dino")
-LOC_SOURCES = ("generated", "generated_no_dino", "perlin", "both")
+LOC_SOURCES = ("generated", "perlin", "both")
 LOC_METRICS = ("pixel_auroc", "pixel_ap", "au_pro", "image_auroc")
 
 
@@ -85,21 +85,23 @@ class Scale:
     loc_steps: int
     loc_batch: int
     loc_width: int
+    loc_lr: float  # the references' 1e-4 is for 6400 steps; a few hundred steps need more
     dino_resolution: int
     quality: bool  # classifier FD/KID (needs the trained assets' classifier)
 
 
 FULL = Scale(
-    stage1_steps=60,
-    stage2_steps=60,
+    stage1_steps=50,
+    stage2_steps=50,
     batch=4,
     lr=1e-3,
     rank=4,
     gen_images=16,
     gen_steps=20,
-    loc_steps=150,
+    loc_steps=200,
     loc_batch=8,
     loc_width=16,
+    loc_lr=1e-3,
     dino_resolution=56,
     quality=True,
 )
@@ -111,9 +113,10 @@ QUICK = Scale(
     rank=4,
     gen_images=4,
     gen_steps=3,
-    loc_steps=40,
+    loc_steps=60,
     loc_batch=4,
     loc_width=8,
+    loc_lr=1e-3,
     dino_resolution=28,
     quality=False,
 )
@@ -246,6 +249,7 @@ def run_localization(assets, scale: Scale, seed: int, out: Path, source: str, ge
         "--resolution", "64",
         "--base_width", str(scale.loc_width),
         "--train_batch_size", str(scale.loc_batch),
+        "--learning_rate", str(scale.loc_lr),
         "--max_train_steps", str(scale.loc_steps),
         "--checkpointing_steps", str(scale.loc_steps),
         "--log_every", "5",
@@ -257,23 +261,57 @@ def run_localization(assets, scale: Scale, seed: int, out: Path, source: str, ge
     return load_main("eval/downstream/localization.py")(argv)
 
 
-def untrained_localization(assets, scale: Scale, seed: int) -> dict[str, float]:
-    """The same U-Net as the localization jobs, initialised with the same seed and not trained."""
+def segmentation_net(scale: Scale, seed: int, weights: Path | None = None):
+    """The localization jobs' U-Net: initialised with ``seed`` as the job does, or the job's final weights."""
     import torch
+    from safetensors.torch import load_file
 
-    from eval.downstream.data import held_out_test_set, load_test_set
-    from eval.downstream.metrics import localization_metrics
     from models.draem_segmentation import DiscriminativeSubNetwork, init_weights
 
-    items = held_out_test_set(assets["mvtec"], CLASS, [DEFECT], "official")
-    images, masks = load_test_set(items, 64)
     torch.manual_seed(seed)
     model = DiscriminativeSubNetwork(in_channels=3, out_channels=2, base_width=scale.loc_width)
     init_weights(model)
-    model.eval()
+    if weights is not None:
+        model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def anomaly_maps(model, images_unit):
+    import torch
+
     with torch.no_grad():
-        maps = model(images.float() / 255.0).softmax(1)[:, 1]
-    return localization_metrics(maps, masks)
+        return model(images_unit).softmax(1)[:, 1]
+
+
+def untrained_localization(assets, scale: Scale, seed: int) -> dict[str, float]:
+    """The same U-Net as the localization jobs, initialised with the same seed and not trained."""
+    from eval.downstream.data import held_out_test_set, load_test_set
+    from eval.downstream.metrics import localization_metrics
+
+    items = held_out_test_set(assets["mvtec"], CLASS, [DEFECT], "official")
+    images, masks = load_test_set(items, 64)
+    return localization_metrics(anomaly_maps(segmentation_net(scale, seed), images.float() / 255.0), masks)
+
+
+def perlin_probe_set(assets, n: int = 8):
+    """Perlin anomalies pasted into the held-out test/good images (never trained on), with their masks: the
+    task the Perlin-trained U-Net learns, on unseen images."""
+    import torch
+
+    from eval.downstream.data import PerlinSegmentationDataset
+    from utils.images import list_images
+
+    good = list_images(assets["mvtec"] / CLASS / "test" / "good")
+    ds = PerlinSegmentationDataset(good, good, 64, normal_ratio=0.0, rotate_prob=0.0)
+    items = [ds[(i, 10_000 + i)] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["mask"][0] > 0.5 for it in items])
+
+
+def perlin_probe_auroc(model, probe) -> float:
+    from eval.downstream.metrics import auroc
+
+    images, masks = probe
+    return auroc(masks.numpy().ravel(), anomaly_maps(model, images).numpy().ravel(), "pixel AUROC")
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -441,7 +479,7 @@ def learning_curves(out: Path, runs: list[dict], loc_runs: list[dict], width: in
 
     points: list[dict] = []
     for cond in CONDITIONS:
-        for stage, key in (("stage1-full", "loss_mse"), ("stage2-dual", "loss")):
+        for stage, key in (("stage1", "loss_mse"), ("stage2", "loss")):
             per_seed = [
                 binned(read_jsonl(Path(r[stage]) / "losses.jsonl"), key, width)
                 for r in runs
@@ -464,7 +502,7 @@ def learning_curves(out: Path, runs: list[dict], loc_runs: list[dict], width: in
     plot_metric_vs_step(
         points,
         out / "learning_curves.png",
-        ("stage1-full loss_mse", "stage2-dual loss", "localization focal loss"),
+        ("stage1 loss_mse", "stage2 loss", "localization focal loss"),
         "Anomaly replica (hazelnut/hole): training losses, mean over seeds",
         note,
     )
@@ -574,6 +612,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference["real_train_good_vs_test_good"] = space.distances(real_good_train, real_good_test)
         reference["real_good_vs_defect"] = space.distances(real_good_test, real_defect)
 
+    probe = perlin_probe_set(assets)
     runs: list[dict[str, Any]] = []
     loc_runs: list[dict[str, Any]] = []
     untrained: list[dict[str, float]] = []
@@ -617,6 +656,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 assets, scale, seed, loc_dir, real_source, None if source == "perlin" else gen_root
             )
             losses = read_jsonl(loc_dir / "losses.jsonl")
+            trained = segmentation_net(scale, seed, loc_dir / "model.safetensors")
             loc_runs.append(
                 {
                     "seed": seed,
@@ -624,12 +664,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "dir": str(loc_dir),
                     "loss_first": losses[0]["loss"],
                     "loss_last": losses[-1]["loss"],
+                    "perlin_probe_pixel_auroc": perlin_probe_auroc(trained, probe),
                     **{k: record["metrics"]["all"][k] for k in LOC_METRICS},
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
             )
             print(f"[anomaly] seed {seed} localization {source}: {loc_runs[-1]}", flush=True)
-        untrained.append({"seed": seed, **untrained_localization(assets, scale, seed)})
+        untrained.append(
+            {
+                "seed": seed,
+                "perlin_probe_pixel_auroc": perlin_probe_auroc(segmentation_net(scale, seed), probe),
+                **untrained_localization(assets, scale, seed),
+            }
+        )
 
     loc = {"untrained U-Net": {k: [u[k] for u in untrained] for k in LOC_METRICS}}
     for source in LOC_SOURCES:
