@@ -520,7 +520,7 @@ def sample_grid(out: Path, assets, first: dict[str, dict], base_dir: Path, note:
 
     def row(paths: list[Path], label: str, mode: str = "RGB") -> None:
         imgs = [Image.open(p).convert(mode) for p in paths[:n]]
-        imgs += [Image.new(mode, imgs[0].size, 255)] * (n - len(imgs))
+        imgs += [Image.new(mode, imgs[0].size, "white")] * (n - len(imgs))
         cells.extend(imgs)
         labels.append(label)
 

@@ -14,6 +14,7 @@ tiny assets the real held-out defects are not a learning signal: the random SD d
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def quick(tmp_path_factory) -> dict:
     spec = importlib.util.spec_from_file_location("replica_anomaly", REPO / "script/replicas/anomaly.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("anomaly_quick")
     result = module.main(["--quick", "--seeds", "0", "--out", str(out), "--threads", "1"])
