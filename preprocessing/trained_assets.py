@@ -220,6 +220,16 @@ def build(out: Path, options: BuildOptions) -> dict:
         figures[name] = fn(paths, data, options)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"  {name}: {timings[name]:.0f} s {json.dumps(figures[name])}", file=sys.stderr)
+    from preprocessing.standin_eval import evaluate_standins
+
+    t0 = time.perf_counter()
+    figures["sd15"]["unet"].update(evaluate_standins(paths, seed=options.seed))
+    timings["evaluation"] = round(time.perf_counter() - t0, 1)
+    from preprocessing.standin_eval import evaluate_standins
+
+    t0 = time.perf_counter()
+    figures["sd15"]["unet"].update(evaluate_standins(paths, seed=options.seed))
+    timings["evaluation"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     stamp = {
@@ -378,59 +388,7 @@ def _build_sd15(paths: dict[str, Path], data: dict, options: BuildOptions) -> di
     save_sd15_pipeline(
         paths["sd15"], vae=vae, text_encoder=text_encoder, unet=unet, tokenizer_dir=tokenizer_dir
     )
-    sd_figures.update(_evaluate_sd15(paths, data, options, vae))
     return {"vae": vae_figures, "unet": sd_figures, "prompts": prompts[:-1], "digit_words": list(DIGIT_WORDS)}
-
-
-def _evaluate_sd15(paths: dict[str, Path], data: dict, options: BuildOptions, vae) -> dict:
-    """Class accuracy of the saved pipeline's digit samples (loaded back with from_pretrained) + figures."""
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from models.digit_classifier import DigitClassifier
-    from preprocessing.digits import digit_prompt
-    from utils.figures import save_labelled_grid
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        paths["sd15"], safety_checker=None, requires_safety_checker=False
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    per_class = 8
-    prompts = [digit_prompt(d) for d in range(10) for _ in range(per_class)]
-    images = pipe(
-        prompts,
-        num_inference_steps=25,
-        guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(options.seed),
-        output_type="pt",
-    ).images
-    images = images * 2 - 1
-    classifier = DigitClassifier.from_pretrained(paths["classifier"])
-    with torch.no_grad():
-        predicted = classifier(images).argmax(1)
-    target = torch.arange(10).repeat_interleave(per_class)
-    accuracy = float((predicted == target).float().mean())
-    note = f"trained stand-in SD-1.5, DDIM 25 steps, CFG 3; digit classifier accuracy {accuracy:.2f}"
-    save_labelled_grid(
-        images,
-        paths["figures"] / "sd15_samples.png",
-        ncols=per_class,
-        row_labels=[str(d) for d in range(10)],
-        title="Stand-in SD-1.5 samples, one row per prompt",
-        note=note,
-    )
-    with torch.no_grad():
-        originals = torch.cat([data["digits_test"][:8], data["photo_test"][:8]])
-        recon = vae.decode(vae.encode(originals).latent_dist.mean).sample
-    save_labelled_grid(
-        torch.cat([originals[:8], recon[:8], originals[8:], recon[8:]]),
-        paths["figures"] / "vae_reconstructions.png",
-        ncols=8,
-        row_labels=["digits", "VAE", "photos", "VAE"],
-        title="Stand-in VAE: held-out images and reconstructions",
-    )
-    return {"sample_class_accuracy": accuracy, "samples_per_class": per_class}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,9 +402,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a few steps per model (tests of the build; not trained)"
     )
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="rerun only the evaluation (sample accuracy, figures) on an up-to-date tree and update its stamp; "
+        "the evaluation code (preprocessing/standin_eval.py) is not part of the fingerprint: it changes no weight",
+    )
     args = parser.parse_args(argv)
     options = QUICK if args.quick else BuildOptions()
     start = time.perf_counter()
+    if args.reevaluate:
+        if not is_complete(args.out, options):
+            parser.exit(
+                2,
+                f"error: {args.out} holds no up-to-date trained tree; build it first (without --reevaluate)\n",
+            )
+        from preprocessing.standin_eval import evaluate_standins
+
+        stamp = read_stamp(args.out)
+        stamp["figures"]["sd15"]["unet"].update(evaluate_standins(asset_paths(args.out), seed=options.seed))
+        (Path(args.out) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
+        print(json.dumps(stamp["figures"]["sd15"]["unet"], indent=1))
+        return 0
+    if args.reevaluate:
+        if not is_complete(args.out, options):
+            parser.exit(
+                2, f"error: {args.out} holds no up-to-date trained tree; build it first (no --reevaluate)\n"
+            )
+        from preprocessing.standin_eval import evaluate_standins
+
+        stamp = read_stamp(args.out)
+        stamp["figures"]["sd15"]["unet"].update(evaluate_standins(asset_paths(args.out), seed=options.seed))
+        (Path(args.out) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
+        print(json.dumps(stamp["figures"]["sd15"]["unet"], indent=1))
+        return 0
     was_complete = not args.force and is_complete(args.out, options)
     paths = ensure_trained_assets(args.out, options, force=args.force)
     stamp = read_stamp(paths["root"])

@@ -38,10 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", required=True, help="where the two PNG figures go")
     p.add_argument("--rows", type=int, default=4, help="samples shown per figure")
+    p.add_argument(
+        "--note",
+        default="tiny random-weight SD-1.5 trained a few steps — pictures are noise by design",
+        help="figure note on the generated triplets (what the base model is)",
+    )
     return p.parse_args(argv)
 
 
-def generated_triplets_figure(gen_dir: Path, defect: str, out: Path, rows: int) -> float:
+def generated_triplets_figure(gen_dir: Path, defect: str, out: Path, rows: int, note: str = "") -> float:
     """Labelled grid of stage-1 images and stage-2 (image, fg, mask); returns the masks' white fraction."""
     full = list_images(gen_dir / "full") if (gen_dir / "full").is_dir() else []
     parts = {k: list_images(gen_dir / defect / k) for k in ("image", "fg", "mask")}
@@ -61,7 +66,7 @@ def generated_triplets_figure(gen_dir: Path, defect: str, out: Path, rows: int) 
         row_labels=labels,
         col_labels=cols,
         title=f"Generated {gen_dir.name}/{defect}: masks {white:.0%} foreground",
-        note="tiny random-weight SD-1.5 trained a few steps — pictures are noise by design",
+        note=note,
     )
     return white
 
@@ -108,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not (Path(args.mvtec_root) / gen_dir.name).is_dir():
         problems.append(f"--mvtec_root {args.mvtec_root} has no class folder {gen_dir.name}/")
     raise_if_problems(problems)
-    white = generated_triplets_figure(gen_dir, args.defect, out / "generated_triplets.png", args.rows)
+    white = generated_triplets_figure(
+        gen_dir, args.defect, out / "generated_triplets.png", args.rows, note=args.note
+    )
     print(
         f"[masks] generated masks are {white:.0%} foreground: the tiny model's fg branch draws noise, not a "
         f"defect on black -> {out / 'generated_triplets.png'}"

@@ -32,6 +32,12 @@ def main() -> None:
     )
     parser.add_argument("--out", default="outputs/demo/foundation", help="Where the sample grid is written.")
     parser.add_argument("--steps", type=int, default=2, help="Denoising steps for the sample.")
+    parser.add_argument(
+        "--trained_assets",
+        default=None,
+        help="Trained stand-in directory (preprocessing/trained_assets.py, built if missing): also sample its "
+        "SD-1.5 stand-in for every prompt it was trained on (digits, hazelnut, carpet).",
+    )
     args = parser.parse_args()
     seed_everything(0)
     assets = ensure_tiny_assets(args.assets)
@@ -69,6 +75,40 @@ def main() -> None:
         f"patch tokens {tuple(result.patch_tokens.shape)}, cls {tuple(result.cls.shape)}, "
         f"intermediate layers {sorted(result.intermediate)}"
     )
+    if args.trained_assets:
+        sample_trained_standin(args.trained_assets, out)
+
+
+def sample_trained_standin(root: str, out: Path, per_prompt: int = 6) -> Path:
+    """Grid of the trained stand-in SD-1.5: one row per training prompt, DDIM 25 steps, CFG 3."""
+    from diffusers import StableDiffusionPipeline
+
+    from models.schedulers import make_scheduler
+    from preprocessing.trained_assets import ensure_trained_assets, read_stamp
+
+    trained = ensure_trained_assets(root)
+    prompts = read_stamp(trained["root"])["figures"]["sd15"]["prompts"]
+    pipe = StableDiffusionPipeline.from_pretrained(trained["sd15"])
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)  # x0 not clipped: latents exceed [-1, 1]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        [p for p in prompts for _ in range(per_prompt)],
+        num_inference_steps=25,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    grid = save_labelled_grid(
+        images,
+        out / "sd15_trained_samples.png",
+        ncols=per_prompt,
+        row_labels=[p.removeprefix("a photo of ").removeprefix("the ") for p in prompts],
+        title="Trained stand-in SD-1.5 (StableDiffusionPipeline), DDIM 25 steps, CFG 3",
+        note="tiny model trained offline on sklearn digits + synthetic MVTec (preprocessing/trained_assets.py)",
+        value_range=(0, 1),
+    )
+    print(f"[sd15 trained] {len(images)} samples for {len(prompts)} prompts -> {grid}")
+    return grid
 
 
 if __name__ == "__main__":

@@ -75,3 +75,12 @@ def fast_sqrtm(monkeypatch):
 
     monkeypatch.setattr(cleanfid.fid.linalg, "sqrtm", trace_preserving_sqrtm)
     return trace_preserving_sqrtm
+
+
+@pytest.fixture(scope="session")
+def trained_assets_quick() -> dict[str, Path]:
+    """The trained-asset tree built with QUICK options (a few steps per model: right files and formats, models
+    not trained), cached under .cache/trained-quick. The replicas' quick guards train from it."""
+    from preprocessing.trained_assets import QUICK, ensure_trained_assets
+
+    return ensure_trained_assets(REPO_ROOT / ".cache" / "trained-quick", QUICK)
