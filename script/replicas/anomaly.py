@@ -401,7 +401,14 @@ class FeatureSpace:
         from train.dinovq.evaluate import frechet_distance
 
         a, b = self.features(gen), self.features(real)
-        return {"fd": frechet_distance(a, b), "kid": float(kernel_distance(a, b))}
+        # clean-fid draws KID's subsets from NumPy's global RNG: seed it, so a KID is a function of the images
+        state = np.random.get_state()
+        np.random.seed(0)
+        try:
+            kid = float(kernel_distance(a, b))
+        finally:
+            np.random.set_state(state)
+        return {"fd": frechet_distance(a, b), "kid": kid}
 
 
 def denoising_losses(assets, lora_dir: Path | None, seed: int = 1234) -> dict[str, float]:
