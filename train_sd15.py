@@ -6,7 +6,7 @@
 Loss: L = L_diff + lambda * (L_token + w * L_manifold) (losses/urepa.py); LoRA (or a partial full fine-tune)
 on mid_block / down_blocks.3 / up_blocks.0; AdamW + warmup/cosine; EMA of the trained weights; bf16;
 gradient clipping; NaN/Inf steps skipped (abort after ``train.max_consecutive_nonfinite``);
-checkpoints with exact resume (``train.resume_from_checkpoint: latest``); TensorBoard scalars; sample grids.
+checkpoints with exact resume (``train.resume_from_checkpoint: latest``); scalars and sample grids to every --report_to tracker (TensorBoard by default).
 The loop itself is the shared training core (train/core/, docs/training_core.md); this file wires
 config -> data -> model -> loss -> core.
 """
@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
-from losses.urepa import URepaLoss  # noqa: E402
-from train.core import (  # noqa: E402
+from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader
+from losses.urepa import URepaLoss
+from train.core import (
     CoreConfig,
     NonFiniteLossError,
     Optim,
@@ -37,11 +37,12 @@ from train.core import (  # noqa: E402
     run_training,
     weight_dtype_of,
 )
-from train.core.config import perf_settings  # noqa: E402
-from train.core.perf import loader_kwargs as perf_loader_kwargs  # noqa: E402
-from train.urepa.checkpoint import EMA_FILE, save_extra_state  # noqa: E402
-from train.urepa.config_schema import URepaConfig  # noqa: E402
-from train.urepa.data import (  # noqa: E402
+from train.core.config import perf_settings
+from train.core.ema import ParamEMA
+from train.core.perf import loader_kwargs as perf_loader_kwargs
+from train.urepa.checkpoint import EMA_FILE, save_extra_state
+from train.urepa.config_schema import URepaConfig
+from train.urepa.data import (
     apply_cfg_dropout,
     build_dataset,
     cfg_dropout_mask,
@@ -49,17 +50,16 @@ from train.urepa.data import (  # noqa: E402
     embedding_table,
     grid_from_metadata,
 )
-from train.urepa.ema import ParamEMA  # noqa: E402
-from train.urepa.setup import (  # noqa: E402
+from train.urepa.setup import (
     build_aligned_model,
     load_scheduler_config,
     load_unet,
     load_vae,
     resolve_sd_dir,
 )
-from utils.cli import run_cli  # noqa: E402
-from utils.config import add_config_args, load_config, save_config  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from utils.cli import UserError, run_cli
+from utils.config import add_config_args, load_config
+from utils.logging import get_logger
 
 logger = get_logger("train_sd15")
 
@@ -88,7 +88,8 @@ def core_config(cfg: dict[str, Any]) -> CoreConfig:
         checkpoints_total_limit=t.get("checkpoints_total_limit"),
         resume_from_checkpoint=t.get("resume_from_checkpoint"),
         overwrite_output_dir=bool(t.get("overwrite_output_dir", False)),
-        report_to="tensorboard",
+        allow_config_change=bool(t.get("allow_config_change", False)),
+        report_to=t.get("report_to", "tensorboard"),
         log_every=int(t["log_every"]),
         max_consecutive_nonfinite=int(t["max_consecutive_nonfinite"]),
         stop_at_step=t.get("stop_at_step"),
@@ -129,7 +130,7 @@ def build_data(cfg: dict[str, Any], accelerator, core: CoreConfig):
     batch_size = int(cfg["train"]["batch_size"])
     global_batch = batch_size * accelerator.num_processes * core.gradient_accumulation_steps
     if len(dataset) < global_batch:
-        raise ValueError(
+        raise UserError(
             f"dataset has {len(dataset)} samples, fewer than one global batch "
             f"({batch_size} x {accelerator.num_processes} processes x "
             f"{core.gradient_accumulation_steps} accumulation steps)"
@@ -277,6 +278,7 @@ def make_step_fn(cfg: dict[str, Any], accelerator, model, criterion: URepaLoss, 
 @torch.no_grad()
 def save_sample_grid(accelerator, model, ema, cfg, sd_dir, table, step, out_dir: Path) -> None:
     """EMA-weight samples for the configured classes, one PNG per call (main process only)."""
+    from train.core.trackers import log_images
     from train.urepa.sampling import decode_latents, make_scheduler, sample_latents
     from utils.images import save_image_grid
 
@@ -311,6 +313,7 @@ def save_sample_grid(accelerator, model, ema, cfg, sd_dir, table, step, out_dir:
     images = decode_latents(vae, latents.float())
     unwrapped.train(was_training)
     path = save_image_grid(images, out_dir / "samples" / f"step_{step:07d}.png", nrow=min(len(classes), 8))
+    log_images(accelerator, "samples", (images + 1) / 2, step, nrow=min(len(classes), 8))
     logger.info(f"sample grid -> {path}")
 
 
@@ -322,8 +325,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         core, dataloader_config=_seedable_loader(core.seed)
     )  # seeds the RNGs before any module is built
     dataset, table, loader, D, grid = build_data(cfg, accelerator, core)
-    if accelerator.is_main_process:
-        save_config(cfg, Path(core.output_dir) / "config.yaml")
     model, criterion, sd_dir = build_model(cfg, accelerator, D, grid, table)
     prepare_model(model, core)  # perf.channels_last / skip_lora_input_cast / compile
     params = [p for p in model.parameters() if p.requires_grad]

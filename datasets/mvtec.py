@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
+from utils.cli import UserError
+from utils.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_IMAGE_SIZE, UnreadableImageError, read_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_RULES = ("official", "ceil")
@@ -194,17 +195,26 @@ def _center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return x[:, top : top + resolution, left : left + resolution]
 
 
+class ImageDataError(UserError, ValueError):
+    """A training image or mask that cannot be used (unreadable, too large or small, mask of another size):
+    found while the data is loaded, before any model; entry points end with its message and exit code 2."""
+
+
 def _load_image(
-    path: Path, resolution: int, resize_mode: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS
+    path: Path,
+    resolution: int,
+    resize_mode: str = "bilinear",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_IMAGE_SIZE,
 ) -> torch.Tensor:
     """uint8 [3, R, R]: shorter side resized to R (``resize_mode``), centre crop."""
     from PIL import Image
 
     _check_choice("resize_mode", resize_mode, RESIZE_MODES)
     try:
-        img = read_image(path, "RGB", max_pixels)
+        img = read_image(path, "RGB", max_pixels, min_size)
     except UnreadableImageError as err:
-        raise ValueError(f"cannot read image {err} (fix or remove the file)") from err
+        raise ImageDataError(f"cannot read image {err} (fix or remove the file)") from err
     if resize_mode == "bilinear":
         size = _reference_size(*img.size, resolution)
         if size != img.size:
@@ -239,13 +249,13 @@ def _load_mask(
     try:
         mask = read_image(path, "L", max_pixels)
     except UnreadableImageError as err:
-        raise ValueError(f"cannot read mask {err}") from err
+        raise ImageDataError(f"cannot read mask {err}") from err
     if image_path is not None:
         with Image.open(image_path) as im:  # the header only: the image itself was decoded already
             width, height = im.size
         if (width, height) != mask.size:
             if on_size_mismatch == "error":
-                raise ValueError(
+                raise ImageDataError(
                     f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is {width}x{height}; "
                     "resize the mask to its image, or pass --mask_size_mismatch resize to stretch it onto the "
                     "image before both are resized and cropped alike"
@@ -318,13 +328,14 @@ class MVTecGoodDataset(Dataset):
         flip: str | None = None,
         resize_mode: str = "bilinear",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_size: int = DEFAULT_MIN_IMAGE_SIZE,
     ):
         self.flip = reference_flip(class_name) if flip is None else flip
         _check_choice("flip", self.flip, FLIP_MODES)
         _check_choice("resize_mode", resize_mode, RESIZE_MODES)
         self.paths = good_images(root, class_name)
         self.resolution = resolution
-        self.images = [_load_image(p, resolution, resize_mode, max_pixels) for p in self.paths]
+        self.images = [_load_image(p, resolution, resize_mode, max_pixels, min_size) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -355,6 +366,7 @@ class MVTecAnomalyPairDataset(Dataset):
         fg_background: str = "grey",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         mask_size_mismatch: str = "error",
+        min_size: int = DEFAULT_MIN_IMAGE_SIZE,
     ):
         self.flip = reference_flip(class_name) if flip is None else flip
         _check_choice("flip", self.flip, FLIP_MODES)
@@ -370,7 +382,7 @@ class MVTecAnomalyPairDataset(Dataset):
             )
         self.resolution = resolution
         self.background = FG_BACKGROUNDS[fg_background]
-        self.images = [_load_image(p, resolution, resize_mode, max_pixels) for p in self.paths]
+        self.images = [_load_image(p, resolution, resize_mode, max_pixels, min_size) for p in self.paths]
         self.masks = [
             _load_mask(m, resolution, resize_mode, p, mask_size_mismatch, max_pixels)
             for m, p in zip(self.mask_paths, self.paths)

@@ -7,7 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.cli import UserError
+
 CSV_COLUMNS = ("id", "img_path", "class_id", "synset")
+
+
+class SampleCSVError(UserError, ValueError):
+    """A malformed sample CSV (the message names the file and line); entry points exit 2 with it."""
 
 
 @dataclass(frozen=True)
@@ -31,21 +37,23 @@ def read_sample_csv(path: str | os.PathLike) -> list[SampleRow]:
         reader = csv.DictReader(f)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
+            raise SampleCSVError(
                 f"{path}: missing CSV columns {missing}; header is {reader.fieldnames}, need {list(CSV_COLUMNS)}"
             )
         for line, rec in enumerate(reader, start=2):
             try:
                 class_id = int(rec["class_id"])
             except (TypeError, ValueError):
-                raise ValueError(f"{path}:{line}: class_id {rec['class_id']!r} is not an integer") from None
+                raise SampleCSVError(
+                    f"{path}:{line}: class_id {rec['class_id']!r} is not an integer"
+                ) from None
             sid = (rec["id"] or "").strip()
             if not sid:
-                raise ValueError(f"{path}:{line}: empty id")
+                raise SampleCSVError(f"{path}:{line}: empty id")
             if sid in seen:
-                raise ValueError(f"{path}:{line}: duplicate id {sid!r}")
+                raise SampleCSVError(f"{path}:{line}: duplicate id {sid!r}")
             seen.add(sid)
             rows.append(SampleRow(sid, rec["img_path"], class_id, rec["synset"]))
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise SampleCSVError(f"{path}: no rows")
     return rows

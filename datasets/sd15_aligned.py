@@ -41,8 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from datasets.lmdb_cache import CorruptRecordError, LMDBCacheReader, parse_dtype
+from datasets.lmdb_cache import LMDBCacheReader
+from datasets.lmdb_cache_format import CorruptRecordError, parse_dtype
 from datasets.sample_csv import read_sample_csv
+from utils.cli import UserError
 from utils.logging import get_logger
 
 logger = get_logger("sd15_aligned")
@@ -116,8 +118,9 @@ def load_clip_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, dict[st
     return embeddings, info
 
 
-class CacheValidationError(ValueError):
-    """A cache does not match the CSV, the other cache or the model's expectations."""
+class CacheValidationError(UserError, ValueError):
+    """A cache does not match the CSV, the other cache or the model's expectations (found before any model is
+    loaded; a user error: entry points end with the message and exit code 2)."""
 
 
 class SD15AlignedDataset(Dataset):

@@ -32,25 +32,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
+import argparse
+import csv
+import json
+import math
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import SPLIT_RULES, defect_images, few_shot_split, good_images  # noqa: E402
-from eval.ic_lpips import (  # noqa: E402
+from datasets.mvtec import SPLIT_RULES, defect_images, few_shot_split, good_images
+from eval.ic_lpips import (
     DEFAULT_CLUSTER_SIZE,
     IC_LPIPS_RESOLUTION,
     LPIPSFeatureSpace,
     ic_lpips,
     list_generated_images,
 )
-from losses.lpips_vgg import build_lpips_vgg, resolve_vgg16_checkpoint  # noqa: E402
-from utils.cli import UserError, raise_if_problems, run_cli  # noqa: E402
-from utils.images import list_images  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from eval.manifest import check_sets, evaluation_manifest, result_manifest_name, set_folder_of, write_manifest
+from losses.lpips_vgg import build_lpips_vgg, resolve_vgg16_checkpoint
+from utils.cli import UserError, raise_if_problems, run_cli
+from utils.images import list_images
+from utils.logging import get_logger
 
 logger = get_logger("compute_ic_lpips")
 FULL = "full"
@@ -113,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output_dir", default=None, help="where ic_lpips.json / ic_lpips.csv go (default: the class folder)"
     )
     p.add_argument("--output_json", default=None, help="--image_dir form: also write the result here")
+    p.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="score sets whose manifests show images of several weights, weights trained for another "
+        "class/defect, or different base models (refused by default; eval/manifest.py)",
+    )
     p.add_argument(
         "--random_vgg",
         action="store_true",
@@ -263,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     folders = folders_to_evaluate(args)
     check_inputs(args, folders)
+    set_manifests = check_sets(
+        {f"{c}/{d}": set_folder_of(p) for p, c, d in folders}, args.allow_mixed_weights
+    )
     if args.random_vgg:
         logger.warning("--random_vgg: random VGG backbone, the values below are NOT LPIPS distances")
     model = build_lpips_vgg(args.vgg_ckpt_path, device=args.device, pretrained_backbone=not args.random_vgg)
@@ -272,12 +282,24 @@ def main(argv: list[str] | None = None) -> dict:
         row["random_vgg"] = bool(args.random_vgg)
         print(json.dumps({k: v for k, v in row.items() if k not in ("cluster_means",)}, indent=2))
         if args.output_json:
-            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_json).write_text(json.dumps(row, indent=2))
+            out = Path(args.output_json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(row, indent=2))
+            manifest = evaluation_manifest(
+                job="ic_lpips", flags=vars(args), inputs=set_manifests, outputs=[out],
+                allowed_mixed=args.allow_mixed_weights,
+            )  # fmt: skip
+            write_manifest(out.parent, manifest, result_manifest_name(out))
         return row
     class_dir = Path(args.gen_root) / args.class_name
     rows = [evaluate_folder(args, model, d, cls, defect) for d, cls, defect in folders]
-    summary = write_reports(rows, args.class_name, Path(args.output_dir or class_dir), bool(args.random_vgg))
+    out_dir = Path(args.output_dir or class_dir)
+    summary = write_reports(rows, args.class_name, out_dir, bool(args.random_vgg))
+    manifest = evaluation_manifest(
+        job="ic_lpips", flags=vars(args), inputs=set_manifests,
+        outputs=[out_dir / "ic_lpips.json", out_dir / "ic_lpips.csv"], allowed_mixed=args.allow_mixed_weights,
+    )  # fmt: skip
+    write_manifest(out_dir, manifest, result_manifest_name("ic_lpips.json"))
     table = {r["defect"]: r["ic_lpips"] for r in rows}
     print(
         json.dumps(

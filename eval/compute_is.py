@@ -12,7 +12,7 @@ With the torch-fidelity / pytorch-fid state dict (``weights-inception-2015-12-05
 image reading, its Inception, its protocol (logits without the FC bias, rows shuffled with seed 2020, 10
 splits). With only StyleGAN2-ADA's TorchScript ``inception-2015-12-05.pt`` the class probabilities come from
 that file's own ``forward(img, no_output_bias=True)`` (same TF weights, its own resize) and torch-fidelity's
-``isc_features_to_metric`` computes the score. Weights are never downloaded (``eval/inception.py``).
+``isc_features_to_metric`` computes the score. Weights are never downloaded (``models/inception.py``).
 """
 
 from __future__ import annotations
@@ -22,22 +22,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
+import argparse
+import json
+import tempfile
 
-import torch  # noqa: E402
+import torch
 
-from eval.ic_lpips import list_generated_images  # noqa: E402
-from eval.inception import (  # noqa: E402
+from eval.ic_lpips import list_generated_images
+from eval.manifest import check_sets, evaluation_manifest, result_manifest_name, set_folder_of, write_manifest
+from models.inception import (
     TORCH_FIDELITY_FILENAME,
     resolve_inception_path,
     weights_format,
     write_random_fid_state_dict,
 )
-from utils.cli import run_cli  # noqa: E402
-from utils.images import load_rgb  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from utils.cli import run_cli
+from utils.images import load_rgb
+from utils.logging import get_logger, progress
 
 logger = get_logger("compute_is")
 
@@ -57,7 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splits", type=int, default=10, help="number of chunks for mean/std (standard: 10)")
     p.add_argument("--batch_size", type=int, default=50, help="images per Inception forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--output_json", default=None, help="also write the result here")
+    p.add_argument(
+        "--output_json",
+        default=None,
+        help="also write the result here, with <name>.manifest.json next to it (flags, commit, the set's manifest)",
+    )
+    p.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="score a set whose manifest shows images of several weights (refused by default)",
+    )
     p.add_argument(
         "--random_weights",
         action="store_true",
@@ -136,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"--splits {args.splits} needs at least that many images; {args.image_dir} has {len(paths)}"
         )
     check_images(paths, args.image_dir)
+    set_manifests = check_sets({"set": set_folder_of(args.image_dir)}, args.allow_mixed_weights)
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_weights:
             logger.warning(
@@ -168,8 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+        out = Path(args.output_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        manifest = evaluation_manifest(
+            job="inception_score", flags=vars(args), inputs=set_manifests, outputs=[out],
+            allowed_mixed=args.allow_mixed_weights,
+        )  # fmt: skip
+        write_manifest(out.parent, manifest, result_manifest_name(out))
     return result
 
 

@@ -6,10 +6,17 @@
         --inception_path ~/weights/inception-2015-12-05.pt --out_dir outputs/eval_A
 
 Writes to --out_dir: ``<run>/checkpoint-<step>.json`` (FID, sFID, settings), ``fid_vs_step.png`` over every JSON
-there, ``grid_<run>_<step>.png`` and ``comparison_grid.png`` (fixed seeds, one labelled row per model, one
+there (aligned and baseline curves in one plot; eval/watch_sd15.py adds each new checkpoint while training runs),
+``<run>/samples-<step>-<settings>/NNNNNN.png`` (the FID samples, each written as made, with per-batch Inception
+features in ``features-*/``), ``grid_<run>_<step>.png`` and ``comparison_grid.png`` (fixed seeds, one labelled row per model, one
 column per class), and with ``--align_csv ...``: ``alignment.json`` (SVCCA of U-Net mid features vs DINO tokens)
 and ``tsne_<run>.png``. Every input (checkpoints, reference folder, caches, weights) is checked before any model
 is loaded, and all missing ones are reported together (exit code 2).
+
+Several GPUs / nodes: ``accelerate launch --config_file configs/accelerate/8gpu_ddp.yaml eval/evaluate_sd15.py ...``
+shares the FID sampling and its Inception features out by fixed batches (eval/sharding.py): sample i's noise is
+seeded by (seed, i), so 1 and N processes write the same files and the same FID; a killed job, run again with the
+same flags, continues where it stopped. The statistics, FID/sFID, grids and alignment run once, on the main process.
 """
 
 import sys
@@ -17,28 +24,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from eval.fid import fid_from_stats, inception_stats, reference_stats, to_uint8_range  # noqa: E402
-from train.urepa.checkpoint import load_checkpoint_config, load_trainable  # noqa: E402
-from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents  # noqa: E402
-from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir  # noqa: E402
-from utils.checkpoint import atomic_write, checkpoint_step  # noqa: E402
-from utils.cli import raise_if_problems, run_cli  # noqa: E402
-from utils.figures import RANDOM_WEIGHTS_NOTE, plot_metric_vs_step, save_labelled_grid  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from eval.fid import FEATURES, feature_stats, fid_from_stats, reference_stats, to_uint8_range
+from eval.manifest import (
+    base_model_record,
+    evaluation_manifest,
+    result_manifest_name,
+    weights_record,
+    write_manifest,
+)
+from eval.sharding import batches_for_this_process, fixed_batches, process_state, sample_device
+from train.urepa.checkpoint import load_checkpoint_config, load_trainable
+from train.urepa.sampling import SAMPLERS, decode_latents, make_scheduler, sample_latents
+from train.urepa.setup import build_aligned_model, load_scheduler_config, load_unet, load_vae, resolve_sd_dir
+from utils.checkpoint import atomic_write, checkpoint_step
+from utils.cli import raise_if_problems, run_cli
+from utils.figures import RANDOM_WEIGHTS_NOTE, plot_metric_vs_step, save_labelled_grid
+from utils.logging import get_logger, progress
 
 logger = get_logger("evaluate_sd15")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", nargs="+", required=True, help="train_sd15.py checkpoint directories.")
+    p.add_argument("--checkpoints", nargs="*", default=[], help="train_sd15.py checkpoint directories.")
     p.add_argument(
         "--baseline", nargs="*", default=[], help="Baseline (lambda 0) checkpoints, evaluated the same way."
     )
@@ -74,6 +89,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
     g.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (same for every model).")
+    g.add_argument(
+        "--mixed_precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="Autocast of the U-Net and VAE while sampling (no = fp32, the reference; bf16 = ~4x the tensor-core "
+        "throughput on an H100, docs/scaling.md). Part of the samples' settings key.",
+    )
+    g.add_argument(
+        "--allow_tf32", action="store_true", help="TF32 matmuls/convolutions for the fp32 parts (Ampere+)."
+    )
     g.add_argument(
         "--grid_classes",
         type=int,
@@ -124,13 +149,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument(
         "--align_timestep", type=int, default=250, help="Noise level t (of 1000) at which features are read."
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="Device of a one-process run (default: cuda if available); under accelerate launch each process's own.",
+    )
     p.add_argument(
         "--figure_note",
         default="",
         help="Text added to the title of every grid (the demo marks its random-weight tiny models with it).",
     )
     args = p.parse_args(argv)
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        p.error("--mixed_precision fp16 needs a GPU (use bf16 or no on a CPU)")
+    if not args.checkpoints and not args.baseline:
+        p.error("give --checkpoints and/or --baseline")
     if args.num_samples and not args.ref_dir:
         p.error("--ref_dir is required for FID/sFID (or pass --num_samples 0)")
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
@@ -193,7 +226,7 @@ class LoadedModel:
         self.ckpt, self.run = ckpt, run
         self.step = checkpoint_step(ckpt)
         self.cfg = load_checkpoint_config(ckpt)
-        sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
+        self.sd_dir = sd_dir = resolve_sd_dir(args.pretrained or self.cfg["model"]["pretrained"])
         unet = load_unet(sd_dir)
         align = float(self.cfg["loss"]["align_coeff"]) > 0
         D, grid = int(self.cfg["model"]["D"]), tuple(self.cfg["model"]["grid"])
@@ -214,6 +247,12 @@ class LoadedModel:
     @torch.no_grad()
     def generate(self, classes: torch.Tensor, args: argparse.Namespace, offset: int) -> torch.Tensor:
         """Images in [-1,1]; sample i uses noise seeded by (seed, offset + i) so every model sees the same noise."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+        device_type = torch.device(args.device).type
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            return self._generate(classes, args, offset)
+
+    def _generate(self, classes: torch.Tensor, args: argparse.Namespace, offset: int) -> torch.Tensor:
         dev = args.device
         noise = torch.stack(
             [
@@ -243,10 +282,10 @@ class LoadedModel:
 
 
 def load_inception_for(args: argparse.Namespace):
-    """clean-fid's Inception (``eval.inception.CleanFIDInception``) and an id for the statistics cache."""
+    """clean-fid's Inception (``models.inception.CleanFIDInception``) and an id for the statistics cache."""
     import tempfile
 
-    from eval.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
+    from models.inception import TORCHSCRIPT_FILENAME, load_inception, write_random_torchscript_inception
 
     if args.inception_path == "random":
         logger.warning("--inception_path random: random Inception weights, FID/sFID values are meaningless")
@@ -257,18 +296,102 @@ def load_inception_for(args: argparse.Namespace):
     return net, net.id
 
 
-def evaluate_fid(lm: LoadedModel, args, inception, ref) -> dict[str, float]:
+def sample_folder(lm: LoadedModel, args, out_dir: Path) -> Path:
+    """``<run>/samples-<step>-<key>``: the key covers every setting the samples depend on (not their number:
+    a later run with more samples reuses the first ones), so changed flags never mix with old samples."""
+    import hashlib
+
+    settings = [
+        str(lm.ckpt.resolve()),
+        "live" if args.use_live_weights else "ema",
+        args.sampler,
+        args.num_steps,
+        args.cfg_scale,
+        args.guidance_low,
+        args.guidance_high,
+        args.seed,
+        args.batch_size,
+        args.mixed_precision,
+        args.allow_tf32,
+    ]
+    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:8]
+    return out_dir / lm.ckpt.parent.name / f"samples-{lm.step}-{key}"
+
+
+def _batch_features_path(folder: Path, inception_id: str, mode: str, batch: list[int]) -> Path:
+    return folder / f"features-{mode}-{inception_id[:12]}" / f"{batch[0]:06d}.npz"
+
+
+def _save_uint8_png(image: torch.Tensor, path: Path) -> None:
+    """[3,H,W] float in [0,255] (already rounded) -> PNG holding exactly those values."""
+    from PIL import Image
+
+    arr = image.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    with atomic_write(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def _load_uint8_png(path: Path) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float()
+
+
+@torch.no_grad()
+def make_fid_samples(lm: LoadedModel, args, inception, inception_id: str, folder: Path, state) -> None:
+    """This process's share of the FID samples and their Inception features, written batch by batch.
+
+    Sample i (class ``i % classes``, noise seeded by (seed, i)) is ``NNNNNN.png``; the batch's pool and spatial
+    features go to ``features-*/<first index>.npz``, written after its images, so a batch is done when that
+    file exists. A batch whose images exist but whose features do not (a kill in between, or a new Inception)
+    gets its features from the PNGs, which hold the values the in-memory images had.
+    """
+    import numpy as np
+
     n = args.num_samples
     classes = torch.arange(n) % lm.num_classes  # class-balanced, as the ImageNet references
+    first = {i: b for b in fixed_batches(n, args.batch_size) for i in b}
 
-    def batches():
-        for start in progress(
-            range(0, n, args.batch_size), desc=f"sampling {lm.run}@{lm.step}", unit="batch"
-        ):
-            idx = classes[start : start + args.batch_size]
-            yield to_uint8_range(lm.generate(idx, args, offset=start))
+    def feats_of(i: int) -> Path:
+        return _batch_features_path(folder, inception_id, inception.mode, first[i])
 
-    return fid_from_stats(inception_stats(batches(), inception), ref)
+    feat_dir = feats_of(0).parent
+    batches, existing = batches_for_this_process(
+        n, args.batch_size, lambda i: feats_of(i).is_file(), state, [folder, feat_dir]
+    )
+    if existing and state.is_main_process:
+        logger.info("%s@%d: resuming, %d of %d samples done", lm.run, lm.step, existing, n)
+    for idx in progress(
+        batches, desc=f"sampling {lm.run}@{lm.step}", unit="batch", disable=not state.is_local_main_process
+    ):
+        pngs = [folder / f"{i:06d}.png" for i in idx]
+        if all(p.is_file() for p in pngs):
+            images = torch.stack([_load_uint8_png(p) for p in pngs]).to(args.device)
+        else:
+            images = to_uint8_range(lm.generate(classes[idx], args, offset=idx[0]))
+            for image, path in zip(images, pngs):
+                if not path.is_file():
+                    _save_uint8_png(image, path)
+        out = inception(images, outputs=FEATURES)
+        with atomic_write(feats_of(idx[0])) as tmp, open(tmp, "wb") as f:
+            np.savez(f, index=np.asarray(idx), **{k: out[k].detach().cpu().numpy() for k in FEATURES})
+    state.wait_for_everyone()
+
+
+def union_stats(args, folder: Path, inception, inception_id: str) -> dict:
+    """Statistics of every sample's features in index order (the same numbers from 1 or N processes)."""
+    import numpy as np
+
+    feats: dict[str, list] = {k: [] for k in FEATURES}
+    for batch in fixed_batches(args.num_samples, args.batch_size):
+        with np.load(_batch_features_path(folder, inception_id, inception.mode, batch)) as data:
+            if data["index"].tolist() != batch:
+                raise RuntimeError(f"{folder}: the features of batch {batch[0]} hold other indices")
+            for k in FEATURES:
+                feats[k].append(data[k])
+    return {k: feature_stats(np.concatenate(v)) for k, v in feats.items()}
 
 
 @torch.no_grad()
@@ -318,6 +441,11 @@ def write_json(obj: Any, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     check_inputs(args)
+    state = process_state()
+    args.device = str(sample_device(args.device, state))
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    main_process = state.is_main_process  # grids, statistics, plots, alignment: once
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(Path(c), "aligned") for c in args.checkpoints] + [(Path(c), "baseline") for c in args.baseline]
@@ -335,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (["FID/sFID"] if args.num_samples else [])
         + (["alignment"] if args.align_csv else [])
     )
-    bar = progress(total=len(jobs) * len(stages), desc="evaluate", unit="stage")
+    bar = progress(total=len(jobs) * len(stages), desc="evaluate", unit="stage", disable=not main_process)
     for ckpt, kind in jobs:
         run = f"{kind}:{ckpt.parent.name}"
         t0 = time.perf_counter()
@@ -348,18 +476,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             class_names(args.clip_embeddings or lm.cfg["data"].get("clip_embeddings"), lm.num_classes)[c]
             for c in classes
         ]
-        images = lm.generate(classes, args, offset=10**9)  # fixed seeds shared by every model
-        grids.append(images)
         row_labels.append(f"{kind}\n{ckpt.parent.name}\nstep {lm.step}")
-        save_labelled_grid(
-            images,
-            out_dir / f"grid_{kind}_{ckpt.parent.name}_{lm.step}.png",
-            ncols=len(classes),
-            row_labels=row_labels[-1:],
-            col_labels=col_labels,
-            title=f"{run} step {lm.step}: fixed seeds, one class per column",
-            note=args.figure_note,
-        )
+        if main_process:
+            images = lm.generate(classes, args, offset=10**9)  # fixed seeds shared by every model
+            grids.append(images)
+            save_labelled_grid(
+                images,
+                out_dir / f"grid_{kind}_{ckpt.parent.name}_{lm.step}.png",
+                ncols=len(classes),
+                row_labels=row_labels[-1:],
+                col_labels=col_labels,
+                title=f"{run} step {lm.step}: fixed seeds, one class per column",
+                note=args.figure_note,
+            )
         bar.update()
         result: dict[str, Any] = dict(
             run=run,
@@ -370,10 +499,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             num_steps=args.num_steps,
             cfg_scale=args.cfg_scale,
             guidance_interval=[args.guidance_low, args.guidance_high],
+            mixed_precision=args.mixed_precision,
             seed=args.seed,
         )
         if args.num_samples:
             bar.set_postfix_str(f"{run}@{lm.step}: FID/sFID")
+            folder = sample_folder(lm, args, out_dir)
+            make_fid_samples(lm, args, inception, inception_id, folder, state)  # every process, its batches
+        if args.num_samples and main_process:
             if ref is None:
                 ref = reference_stats(
                     args.ref_dir,
@@ -385,14 +518,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     num_workers=args.fid_num_workers,
                 )
             result.update(
-                evaluate_fid(lm, args, inception, ref),
+                fid_from_stats(union_stats(args, folder, inception, inception_id), ref),
+                samples=str(folder),
                 num_samples=args.num_samples,
                 num_ref=args.num_ref,
                 inception=inception_id,
                 fid_mode=inception.mode,
             )
             bar.update()
-        if args.align_csv:
+        if args.align_csv and main_process:
             bar.set_postfix_str(f"{run}@{lm.step}: alignment (SVCCA, t-SNE)")
             from eval.alignment import svcca_score, tsne_plot
 
@@ -408,13 +542,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary["alignment"][f"{run}@{lm.step}"] = result["svcca_mid"]
             bar.update()
         result["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(result, out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json")
-        logger.info(
-            json.dumps({k: v for k, v in result.items() if k in ("run", "step", "fid", "sfid", "svcca_mid")})
-        )
+        if main_process:
+            result_path = out_dir / ckpt.parent.name / f"checkpoint-{lm.step}.json"
+            write_json(result, result_path)
+            # <result>.manifest.json: the checkpoint's weight files (sha256), base model, flags, commit
+            inputs = {
+                "checkpoint": {"weights": weights_record(ckpt), "base_model": base_model_record(lm.sd_dir)}
+            }
+            manifest = evaluation_manifest(
+                job="evaluate_sd15", flags=vars(args), inputs=inputs, outputs=[result_path]
+            )
+            write_manifest(result_path.parent, manifest, result_manifest_name(result_path))
+            logger.info(
+                json.dumps(
+                    {k: v for k, v in result.items() if k in ("run", "step", "fid", "sfid", "svcca_mid")}
+                )
+            )
         summary["results"].append(result)
         del lm
+        state.wait_for_everyone()
     bar.close()
+    if not main_process:
+        return summary
     save_labelled_grid(
         torch.cat(grids),
         out_dir / "comparison_grid.png",

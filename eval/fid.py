@@ -8,7 +8,7 @@
   ``kid_folders(a, b)`` equals ``cleanfid.fid.compute_kid(a, b, mode=...)`` (with numpy's global seed set the
   same way; clean-fid draws KID's subsets from it) on the same Inception file (tested).
 - sFID (Nash et al. 2021, as in the ADM evaluator): the same distance on the spatial features, the first 7
-  channels of ``mixed_6/conv`` (17x17) flattened in NHWC order to ``[N, 2023]`` (``eval.inception``), computed
+  channels of ``mixed_6/conv`` (17x17) flattened in NHWC order to ``[N, 2023]`` (``models.inception``), computed
   in the same pass as pool3 on the same clean-fid-resized images.
 - In-memory images (samples of a model, reconstructions) are quantised like a saved PNG where they come from
   [-1, 1] (``to_uint8_range``) and resized per image with clean-fid's resizer, as clean-fid's
@@ -26,17 +26,17 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
+import hashlib
+import json
+import os
+from collections.abc import Iterable
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from eval.inception import POOL_DIM, CleanFIDInception  # noqa: E402
-from utils.images import IMAGE_EXTENSIONS, load_rgb  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from models.inception import POOL_DIM, CleanFIDInception
+from utils.images import IMAGE_EXTENSIONS, load_rgb
+from utils.logging import get_logger
 
 logger = get_logger("fid")
 FEATURES = ("pool", "spatial")

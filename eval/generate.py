@@ -7,17 +7,28 @@ Stage 1 (stock pipeline + the stage-1 LoRA; writes ``<output_root>/<class>/full/
 
 Stage 2 (both branches denoised jointly with the interaction modules active; writes
 ``<output_root>/<class>/<defect>/{image,fg,mask}/NNNN.png``, the mask extracted from fg by
-eval/mask_extraction.py):
+models/mask_extraction.py):
 
     python eval/generate.py stage2 --pretrained_model_name_or_path models/stable-diffusion-v1-5 \
         --weights_dir all_generate/hazelnut/stage2-hole-dual --mvtec_name hazelnut --mvtec_anomaly_name hole
 
 Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 steps, guidance 2.5) and
 ``--preset official`` (DualAnoDiff's inference: PNDM, 100 steps, guidance 2.5, prompts "a vfx with sks" /
-"sks", unconditional prompt ""); script/inference/*.sh use ``official``.
+"sks", unconditional prompt ""); script/inference/*.sh use ``official``. ``--preset official_bcm``: its
+background-compensation inference (PNDM, 50 steps, guidance 2.0, 1.2 for screw) for weights trained with
+``--bcm``, which sample on the backgrounds of ``train/good`` images (``--bcm_fg_mask_dir``, ``--bcm_data_dir``).
 
-Resumable: sample ``i`` uses its own seed ``--seed + i``, indices whose files exist are skipped, files are
-written atomically, so an interrupted run continues with the same images an uninterrupted run would write.
+Resumable and shardable (eval/sharding.py): sample ``i`` uses its own seed ``--seed + i`` and always falls in
+batch ``i // --batch_size``; each file is written atomically as soon as its batch is made; a batch with a
+missing file is made again whole and only the missing files are written. So an interrupted run continues with
+the bytes an uninterrupted run would write, and ``accelerate launch`` on N processes / nodes (batches dealt out
+round-robin) writes the same files as one process:
+
+    accelerate launch --config_file configs/accelerate/8gpu_ddp.yaml eval/generate.py stage2 ...
+
+Every set gets a ``manifest.json`` (eval/manifest.py): the weight files with sha256, base model, prompts,
+sampler, steps, guidance, seed range, all flags, repo commit. Resuming a set with other weights is refused
+unless ``--allow_mixed_weights``.
 """
 
 from __future__ import annotations
@@ -27,29 +38,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
+import argparse
+import os
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import FG_BACKGROUNDS  # noqa: E402
-from eval.mask_extraction import MaskParams, extract_mask, mask_to_image  # noqa: E402
-from models.schedulers import SCHEDULERS, make_scheduler, step_kwargs  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import raise_if_problems, run_cli  # noqa: E402
-from utils.images import to_pil  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from datasets.mvtec import FG_BACKGROUNDS
+from eval.manifest import record_generation
+from eval.sharding import batches_for_this_process, process_state, sample_device
+from models.dual_lora_io import LEGACY_FG_BACKGROUND
+from models.dual_sampling import BCM_DEFAULT_GUIDANCE, BCM_REFERENCE_GUIDANCE, PRESETS, sample_pairs
+from models.dual_sampling import encode_prompts as encode_prompts
+from models.mask_extraction import MaskParams, extract_mask, mask_to_image
+from models.schedulers import SCHEDULERS, make_scheduler
+from utils.checkpoint import atomic_write
+from utils.cli import raise_if_problems, run_cli
+from utils.images import to_pil
+from utils.logging import get_logger, progress
 
 logger = get_logger("generate")
-# What each preset sets when the flag is not given. "official": DualAnoDiff's inference script (the stock
-# SD-1.5 pipeline's PNDM scheduler, num_inference_steps=100, guidance_scale=2.5, its two prompts, negative "").
-PRESETS = {
-    "fast": {"scheduler": "ddim", "num_inference_steps": 50, "guidance_scale": 2.5},
-    "official": {"scheduler": "pndm", "num_inference_steps": 100, "guidance_scale": 2.5},
-}
+# The presets (PRESETS, models/dual_sampling.py) set what a flag not given defaults to; "official" is DualAnoDiff's
+# inference script, whose two prompts and empty negative prompt are these:
 PROMPTS = {"prompt": "a vfx", "prompt_blend": "a vfx with sks", "prompt_fg": "sks", "negative_prompt": ""}
-# fg background of stage-2 weights whose dual_config.json predates --fg_background (they were trained black)
-LEGACY_FG_BACKGROUND = "black"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -69,7 +79,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         default="fast",
         help="defaults of --scheduler/--num_inference_steps/--guidance_scale: fast = ddim, 50, 2.5; "
-        "official = DualAnoDiff's inference (pndm, 100, 2.5)",
+        "official = DualAnoDiff's inference (pndm, 100, 2.5); official_bcm = its BCM inference (pndm, 50, "
+        "2.0; screw 1.2)",
     )
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the preset's)")
     p.add_argument(
@@ -87,7 +98,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resolution", type=int, default=None, help="output size (default: the U-Net's native size)"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device of a one-process run (default: cuda if available, else cpu); under accelerate "
+        "launch every process uses its own GPU",
+    )
+    p.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="resume a set that earlier runs made with other weights (refused by default; recorded in the "
+        "set's manifest.json)",
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -145,10 +167,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MaskParams.min_area_fraction,
         help="mask extraction: drop components smaller than this fraction of the image",
     )
+    s2.add_argument(
+        "--bcm_fg_mask_dir",
+        default=None,
+        help="weights trained with --bcm: foreground masks of the good images, <dir>/<class>/good/<file> "
+        "(default: the training run's --bcm_fg_mask_dir, from dual_config.json)",
+    )
+    s2.add_argument(
+        "--bcm_data_dir",
+        default=None,
+        help="weights trained with --bcm: MVTec root whose <class>/train/good images give the backgrounds "
+        "(default: the training run's --instance_data_dir)",
+    )
+    s2.add_argument(
+        "--bcm_background_every",
+        type=int,
+        default=None,
+        help="weights trained with --bcm: consecutive samples per background (default: the reference's 50; "
+        "10 for screw)",
+    )
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.preset == "official_bcm" and args.guidance_scale is None:
+        args.guidance_scale = BCM_REFERENCE_GUIDANCE.get(args.mvtec_name, BCM_DEFAULT_GUIDANCE)
     if args.num_images < 1 or args.num_inference_steps < 1 or args.batch_size < 1:
         p.error("--num_images, --num_inference_steps and --batch_size must be >= 1")
     if args.guidance_scale < 1.0:
@@ -161,13 +204,12 @@ def _save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def pending_indices(num_images: int, done) -> list[int]:
-    todo = [i for i in range(num_images) if not done(i)]
-    if len(todo) < num_images:
-        logger.info(
-            "resuming: %d of %d already exist, %d to generate", num_images - len(todo), num_images, len(todo)
-        )
-    return todo
+def my_batches(args: argparse.Namespace, state, done, folders: list[Path]) -> list[list[int]]:
+    """This process's share of the fixed batches that still miss a file (eval/sharding.py)."""
+    batches, existing = batches_for_this_process(args.num_images, args.batch_size, done, state, folders)
+    if existing and state.is_main_process:
+        logger.info("resuming: %d of %d already exist", existing, args.num_images)
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- stage 1
@@ -177,7 +219,7 @@ def resolve_base_model(args: argparse.Namespace) -> Path:
     from utils.weights import resolve_hf_path, sd15_how_to_get
 
     required = ("model_index.json",)
-    if args.stage == "stage2":  # what models/dual_lora.py:load_dual_unet reads
+    if args.stage == "stage2":  # what models/dual_lora_io.py:load_dual_unet reads
         required = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
     return resolve_hf_path(
         args.pretrained_model_name_or_path, "Stable Diffusion 1.5 base model", sd15_how_to_get(), required
@@ -204,7 +246,38 @@ def check_inputs(args: argparse.Namespace) -> None:
             f"stage-2 weights not found: {Path(args.weights_dir) / DUAL_CONFIG_NAME} does not exist. Pass the "
             "stage-2 --output_dir (or a checkpoint-<step>/ in it) of bash script/train/train_stage2-dual.sh."
         )
+    elif args.stage == "stage2":
+        problems.extend(_bcm_problems(args))
     raise_if_problems(problems, f"{args.stage}: cannot start")
+
+
+def _bcm_sources(args: argparse.Namespace, config: dict) -> tuple[str | None, str | None]:
+    """(MVTec root, foreground-mask dir) of a background-compensation model: flags, else the training run's."""
+    return (
+        args.bcm_data_dir or config.get("instance_data_dir"),
+        args.bcm_fg_mask_dir or config.get("bcm_fg_mask_dir"),
+    )
+
+
+def _bcm_problems(args: argparse.Namespace) -> list:
+    """What a background-compensation (--bcm) model lacks to sample: the good images and their masks."""
+    from datasets.bcm_background import good_background_paths
+    from models.dual_lora import read_dual_config
+
+    config = read_dual_config(args.weights_dir)
+    if not config.get("background_compensation"):
+        return []
+    root, masks = _bcm_sources(args, config)
+    if root is None or masks is None:
+        return [
+            f"{args.weights_dir} was trained with background compensation (--bcm): pass --bcm_data_dir (MVTec "
+            "root with <class>/train/good) and --bcm_fg_mask_dir (masks <dir>/<class>/good/<file>)"
+        ]
+    try:
+        good_background_paths(root, args.mvtec_name, masks)
+    except FileNotFoundError as err:
+        return [err]
+    return []
 
 
 def load_stage1_pipeline(args: argparse.Namespace):
@@ -226,16 +299,16 @@ def load_stage1_pipeline(args: argparse.Namespace):
     return pipe.to(args.device)
 
 
-def run_stage1(args: argparse.Namespace) -> Path:
+def run_stage1(args: argparse.Namespace, state) -> Path:
     out_dir = Path(args.output_root) / args.mvtec_name / "full"
-    todo = pending_indices(args.num_images, lambda i: (out_dir / f"{i:04d}.png").is_file())
-    if not todo:
+    batches = my_batches(args, state, lambda i: (out_dir / f"{i:04d}.png").is_file(), [out_dir])
+    if not batches:
+        state.wait_for_everyone()
         logger.info("nothing to do: %d images in %s", args.num_images, out_dir)
         return out_dir
     pipe = load_stage1_pipeline(args)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for s in progress(range(0, len(todo), args.batch_size), desc="stage1", unit="batch"):
-        idx = todo[s : s + args.batch_size]
+    for idx in progress(batches, desc="stage1", unit="batch", disable=not state.is_local_main_process):
         gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
         images = pipe(
             [args.prompt] * len(idx),
@@ -247,7 +320,9 @@ def run_stage1(args: argparse.Namespace) -> Path:
             generator=gens,
         ).images
         for i, img in zip(idx, images):
-            _save_png(img, out_dir / f"{i:04d}.png")
+            if not (out_dir / f"{i:04d}.png").is_file():  # a resumed batch: its existing files stay
+                _save_png(img, out_dir / f"{i:04d}.png")
+    state.wait_for_everyone()
     logger.info("stage 1: %d images in %s", args.num_images, out_dir)
     return out_dir
 
@@ -255,87 +330,19 @@ def run_stage1(args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
-
-
-@torch.no_grad()
-def sample_pairs(
-    components: dict,
-    prompt_blend: str,
-    prompt_fg: str,
-    seeds: list[int],
-    scheduler: str = "ddim",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 2.5,
-    negative_prompt: str = "",
-    resolution: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint denoising of (blend, fg) pairs; returns both decoded batches in [-1, 1], fp32.
-
-    The stage-2 sampler of generation and of the trainers' validation. ``components``: ``dual_unet``,
-    ``vae``, ``tokenizer``, ``text_encoder`` and ``scheduler`` (the model's noise scheduler, whose config
-    :func:`models.schedulers.make_scheduler` turns into the sampler ``scheduler``). As DualAnoDiff's
-    pipeline: the initial noise of sample ``s`` is one draw of shape ``[2, C, h, w]`` (blend, fg) from a
-    generator seeded with ``s``; guidance runs the unconditional and the conditional pairs in one batch
-    (``uncond + w * (cond - uncond)`` per branch); one scheduler steps both branches.
-    """
-    dual, vae = components["dual_unet"], components["vae"]
-    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    device, dtype = dual.device, dual.dtype
-    b = len(seeds)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = resolution or dual.config.sample_size * scale
-    if size % scale:
-        raise ValueError(f"--resolution must be a multiple of {scale}, got {size}")
-    shape = (2, dual.config.in_channels, size // scale, size // scale)
-    # per-sample generators: a sample does not depend on its batch mates
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
-    sched = make_scheduler(scheduler, components["scheduler"].config)
-    sched.set_timesteps(num_inference_steps, device=device)
-    # [blend of every sample; fg of every sample]
-    latents = torch.cat([torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])])
-    latents = (latents * sched.init_noise_sigma).to(device, dtype)
-    emb_b = encode_prompts(tokenizer, text_encoder, [prompt_blend], device).to(dtype).expand(b, -1, -1)
-    emb_f = encode_prompts(tokenizer, text_encoder, [prompt_fg], device).to(dtype).expand(b, -1, -1)
-    use_cfg = guidance_scale > 1.0
-    if use_cfg:
-        emb_u = encode_prompts(tokenizer, text_encoder, [negative_prompt], device).to(dtype).expand(b, -1, -1)
-        emb_b, emb_f = torch.cat([emb_u, emb_b]), torch.cat([emb_u, emb_f])
-    for t in sched.timesteps:
-        x_b, x_f = sched.scale_model_input(latents, t).chunk(2)
-        if use_cfg:
-            x_b, x_f = torch.cat([x_b, x_b]), torch.cat([x_f, x_f])
-        pred_b, pred_f = dual(x_b, x_f, t, emb_b, emb_f)
-        if use_cfg:
-            u, c = pred_b.chunk(2)
-            pred_b = u + guidance_scale * (c - u)
-            u, c = pred_f.chunk(2)
-            pred_f = u + guidance_scale * (c - u)
-        latents = sched.step(torch.cat([pred_b, pred_f]), t, latents, **step_kwargs(sched)).prev_sample
-    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-    img_b, img_f = images.float().clamp(-1, 1).chunk(2)
-    return img_b, img_f
-
-
-def run_stage2(args: argparse.Namespace) -> Path:
-    from models.dual_lora import load_dual_unet
+def run_stage2(args: argparse.Namespace, state) -> Path:
+    from models.dual_lora_io import load_dual_unet
 
     out = Path(args.output_root) / args.mvtec_name / args.mvtec_anomaly_name
     dirs = {k: out / k for k in ("image", "fg", "mask")}
+
     # The mask is written last, so its presence means the whole triplet is there.
-    todo = pending_indices(
-        args.num_images, lambda i: all((d / f"{i:04d}.png").is_file() for d in dirs.values())
-    )
-    if not todo:
+    def done(i: int) -> bool:
+        return all((d / f"{i:04d}.png").is_file() for d in dirs.values())
+
+    batches = my_batches(args, state, done, list(dirs.values()))
+    if not batches:
+        state.wait_for_everyone()
         logger.info("nothing to do: %d triplets in %s", args.num_images, out)
         return out
     components = load_dual_unet(
@@ -349,8 +356,7 @@ def run_stage2(args: argparse.Namespace) -> Path:
         threshold=args.mask_threshold,
         min_area_fraction=args.mask_min_area_fraction,
     )
-    for s in progress(range(0, len(todo), args.batch_size), desc="stage2", unit="batch"):
-        idx = todo[s : s + args.batch_size]
+    for idx in progress(batches, desc="stage2", unit="batch", disable=not state.is_local_main_process):
         blend, fg = sample_pairs(
             components,
             args.prompt_blend,
@@ -363,10 +369,13 @@ def run_stage2(args: argparse.Namespace) -> Path:
             args.resolution,
         )
         for k, i in enumerate(idx):
+            if done(i):  # a resumed batch: its complete triplets stay as they are
+                continue
             fg_img = to_pil(fg[k], (-1.0, 1.0))
             _save_png(to_pil(blend[k], (-1.0, 1.0)), dirs["image"] / f"{i:04d}.png")
             _save_png(fg_img, dirs["fg"] / f"{i:04d}.png")
             _save_png(mask_to_image(extract_mask(fg_img, params)), dirs["mask"] / f"{i:04d}.png")
+    state.wait_for_everyone()
     logger.info("stage 2: %d triplets in %s", args.num_images, out)
     return out
 
@@ -374,7 +383,11 @@ def run_stage2(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     check_inputs(args)
-    return run_stage1(args) if args.stage == "stage1" else run_stage2(args)
+    state = process_state()
+    args.device = str(sample_device(args.device, state))
+    # manifest.json of the set, before any image (every process writes the same bytes atomically)
+    record_generation(args, resolve_base_model(args))
+    return run_stage1(args, state) if args.stage == "stage1" else run_stage2(args, state)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,24 @@ Losses (``compute_loss``):
     vq_loss    = the quantizer's loss (commitment_weight * ||z_e - sg(z_q)||^2; the codebook itself is EMA)
     perceptual_loss = LPIPS-VGG (``use_perceptual``), gen_adv_loss = PatchGAN generator loss (``use_gan``),
     weighted by the adaptive weight (``disc_adaptive_weight``) times the disc_start factor.
+
+As a tokenizer (docs/dinovq.md, "Export and use"): ``DinoVQModel.from_pretrained(dir)`` /
+``model.save_pretrained(dir)`` through ``huggingface_hub.PyTorchModelHubMixin`` (``config.json`` + ``model.safetensors``,
+the discriminator and the LPIPS network excluded; loaded strictly, in eval mode); ``encode_code(images)`` ->
+``[B, H', W']`` code indices, ``decode_code(codes)`` -> images.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
@@ -29,11 +39,40 @@ from losses.cosine_token_loss import cosine_token_loss
 from losses.patchgan import calculate_adaptive_weight
 from models.dinovq_loss import DinoVQLoss
 from models.vit_blocks import TokenTransformer, init_vit_weights, unpatchify
+from utils.weights import MissingWeightsError
 
 UPDATE_TYPES = ("generator", "discriminator")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Training-only submodules: not part of an exported tokenizer (the discriminator has its own optimizer; the
+# LPIPS network is not in the state dict at all).
+TRAINING_ONLY_PREFIX = "loss_fn."
+# The constructor arguments that only matter for training losses; an export sets them off.
+_EXPORT_OFF = {"use_gan": False, "use_perceptual": False}
+# Constructor arguments that fix the shapes of the weights: an --init_from tokenizer must agree on these.
+ARCHITECTURE_KEYS = (
+    "img_size",
+    "encoder_embed_dim",
+    "codebook_size",
+    "patch_size",
+    "encoder_depth",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "dino_decoder_depth",
+    "num_heads",
+    "mlp_ratio",
+    "dino_dim",
+    "codebook_dim",
+    "in_channels",
+)
 
 
-class DinoVQModel(nn.Module):
+class DinoVQModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="dinovq",
+    tags=["image-tokenizer", "vector-quantization"],
+):
     def __init__(
         self,
         img_size=(224, 224),
@@ -180,6 +219,31 @@ class DinoVQModel(nn.Module):
         return self.decode_pixels(self.quantizer.get_output_from_indices(indices))
 
     @torch.no_grad()
+    def encode_code(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> code indices [B, H', W'] (int64), without touching the codebook."""
+        _, indices, _ = self.encode(imgs, freeze_codebook=True)
+        return indices.view(imgs.shape[0], *self.grid)
+
+    @torch.no_grad()
+    def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, H', W'] (or [B, N]) of any integer dtype -> images [B,3,H,W] in about [-1,1]
+        (LlamaGen's ``VQModel.decode_code``); ``decode_code(encode_code(x))`` is ``reconstruct(x)[0]``."""
+        if codes.is_floating_point() or codes.ndim not in (2, 3):
+            raise ValueError(
+                f"decode_code expects integer codes [B, H', W'] or [B, N], got {codes.dtype} "
+                f"{tuple(codes.shape)}"
+            )
+        flat = codes.reshape(codes.shape[0], -1).long()
+        if flat.shape[1] != self.num_tokens or (codes.ndim == 3 and tuple(codes.shape[1:]) != self.grid):
+            raise ValueError(f"decode_code: codes {tuple(codes.shape)} do not fit the token grid {self.grid}")
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
+            raise ValueError(
+                f"decode_code: code indices must be in [0, {self.codebook_size}), got "
+                f"[{int(flat.min())}, {int(flat.max())}]"
+            )
+        return self.decode_indices(flat)
+
+    @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (reconstruction, indices), without touching the codebook."""
         z_q, indices, _ = self.encode(imgs, freeze_codebook=True)
@@ -190,6 +254,71 @@ class DinoVQModel(nn.Module):
         return self.compute_loss(
             imgs, dino_features_gt, update_type=update_type, global_step=global_step, **kwargs
         )
+
+    # -- export -------------------------------------------------------------------------------------------
+    def tokenizer_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict of the tokenizer alone (encoder, codebook, decoders): no discriminator."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+
+    def export_config(self) -> dict[str, Any]:
+        """The constructor arguments of the exported tokenizer: this model's, with the training losses off."""
+        cfg = dict(self._hub_mixin_config or {})
+        cfg.update(_EXPORT_OFF)
+        cfg["img_size"] = list(self.img_size)
+        return cfg
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """``PyTorchModelHubMixin`` hook: ``model.safetensors`` (tokenizer only) and ``config.json``."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tokenizer_state_dict().items()}
+        save_file(tensors, str(Path(save_directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+        (Path(save_directory) / CONFIG_FILE).write_text(
+            json.dumps(self.export_config(), indent=2, sort_keys=True) + "\n"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, strict: bool = True, **kwargs: Any
+    ) -> DinoVQModel:
+        """An exported tokenizer (a local directory with ``config.json`` + ``model.safetensors``) in eval mode.
+
+        Loaded strictly (a missing or unexpected tensor is an error, unlike the mixin's default); nothing is
+        downloaded: a missing directory or file raises ``MissingWeightsError`` naming it.
+        ``kwargs``: constructor overrides (e.g. ``use_gan=True`` to fine-tune; the discriminator then starts
+        fresh, so pass ``strict=False``) and ``map_location``.
+        """
+        root = Path(pretrained_model_name_or_path).expanduser()
+        how = (
+            "Export one with `python train/dinovq/export.py OUTPUT_DIR/checkpoint-N --output DIR` (a finished "
+            "training run writes OUTPUT_DIR/dinovq/ itself)."
+        )
+        for path in (root, root / CONFIG_FILE, root / WEIGHTS_FILE):
+            if not path.exists():
+                raise MissingWeightsError(f"DinoVQ tokenizer not found: {path} does not exist. {how}")
+        model = super().from_pretrained(str(root), strict=strict, **kwargs)
+        return model.eval()
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+        revision: Any = None,
+        cache_dir: Any = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: Any = None,
+        **model_kwargs: Any,
+    ) -> DinoVQModel:
+        """``PyTorchModelHubMixin`` hook: build from the config's arguments, load ``model.safetensors``."""
+        from safetensors.torch import load_model
+
+        model = cls(**model_kwargs)
+        load_model(model, str(Path(model_id) / WEIGHTS_FILE), strict=strict, device=str(map_location))
+        return model.to(map_location).eval()
 
     # -- losses ---------------------------------------------------------------------------------------------
     def dino_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -285,8 +285,12 @@ class SD15UNetAligned(nn.Module):
         return get_peft_model_state_dict(self.unet)
 
     def lora_adapter_metadata(self) -> dict[str, Any]:
-        """The adapter's ``LoraConfig`` as a dict (rank, alpha, target modules), as diffusers stores it."""
-        return self.unet.peft_config["default"].to_dict()
+        """The adapter's ``LoraConfig`` as a dict (rank, alpha, target modules), as diffusers stores it.
+
+        peft keeps ``target_modules`` as a set, whose order follows the per-process string hash; sorted, the
+        same weights give the same file bytes."""
+        config = self.unet.peft_config["default"].to_dict()
+        return {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in config.items()}
 
     def lora_state_dict_diffusers(self) -> dict[str, torch.Tensor]:
         """LoRA weights as diffusers' ``StableDiffusionPipeline.save_lora_weights`` writes them: peft keys

@@ -20,21 +20,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from preprocessing.cache_jobs import (  # noqa: E402
-    DinoTokenEncoder,
+from preprocessing.cache_jobs import (
     TargetStats,
-    VAELatentEncoder,
     add_dino_args,
     add_job_args,
     add_vae_args,
+    dino_encoder,
     run_cli_job,
+    vae_encoder,
 )
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,26 +64,9 @@ def main(argv: list[str] | None = None) -> list[TargetStats]:
     def encoders(device: torch.device) -> list[tuple[Any, str]]:
         out: list[tuple[Any, str]] = []
         if args.latent_dir:
-            vae = VAELatentEncoder(
-                args.pretrained_model_name_or_path,
-                resolution=args.vae_resolution,
-                dtype=args.vae_dtype,
-                store_moments=args.store_moments,
-                subfolder=args.vae_subfolder,
-                device=device,
-                model_dtype=args.model_dtype,
-            )
-            out.append((vae, args.latent_dir))
+            out.append((vae_encoder(args, device, prefix="vae_"), args.latent_dir))
         if args.dino_dir:
-            dino = DinoTokenEncoder(
-                args.dinov2_weights,
-                variant=args.variant,
-                resolution=args.dino_resolution,
-                dtype=args.dino_dtype,
-                device=device,
-                model_dtype=args.model_dtype,
-            )
-            out.append((dino, args.dino_dir))
+            out.append((dino_encoder(args, device, prefix="dino_"), args.dino_dir))
         return out
 
     return run_cli_job(args, encoders, "caches")

@@ -20,47 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-
-from preprocessing.cache_jobs import (  # noqa: E402
-    DinoTokenEncoder,
-    TargetStats,
-    add_dino_args,
-    add_job_args,
-    run_cli_job,
-)
-from utils.cli import run_cli  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_job_args(parser)
-    parser.add_argument(
-        "--output_dir", required=True, help="Token cache directory (LMDB shards + metadata.json)."
-    )
-    add_dino_args(parser)
-    return parser.parse_args(argv)
+from preprocessing.cache_jobs import TargetStats, single_cache_main
+from utils.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> list[TargetStats]:
-    args = parse_args(argv)
-
-    def encoders(device: torch.device) -> list[tuple[DinoTokenEncoder, str]]:
-        encoder = DinoTokenEncoder(
-            args.dinov2_weights,
-            variant=args.variant,
-            resolution=args.resolution,
-            dtype=args.dtype,
-            device=device,
-            model_dtype=args.model_dtype,
-        )
-        return [(encoder, args.output_dir)]
-
-    return run_cli_job(args, encoders, "DINOv2 tokens")
+    return single_cache_main("dino", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from datasets.lmdb_cache import LMDBCacheWriter, estimate_cache_bytes, format_bytes, record_nbytes
+from datasets.lmdb_cache_format import estimate_cache_bytes, format_bytes, record_nbytes
+from datasets.lmdb_cache_writer import LMDBCacheWriter
 from datasets.sample_csv import SampleRow, read_sample_csv
-from utils.images import DEFAULT_MAX_PIXELS, UnreadableImageError, read_image
+from utils.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_IMAGE_SIZE, UnreadableImageError, read_image
 from utils.logging import get_logger, progress
 from utils.weights import SD15_LOCAL_DIR, MissingWeightsError, resolve_hf_path, sd15_how_to_get
 
@@ -275,7 +276,8 @@ class DinoTokenEncoder(CacheEncoder):
 # -------------------------------------------------------------------------------------------- image loading
 class DecodedImages(Dataset):
     """Decode each image once and apply every target's transform; unreadable files come back as reasons
-    (missing, not an image, truncated, unsupported mode, more than ``max_pixels`` pixels), each naming the file."""
+    (missing, not an image, truncated, unsupported mode, more than ``max_pixels`` pixels, a shorter side below
+    ``min_size``), each naming the file."""
 
     def __init__(
         self,
@@ -283,11 +285,13 @@ class DecodedImages(Dataset):
         image_root: Path,
         image_transforms: Sequence[Callable],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_size: int = DEFAULT_MIN_IMAGE_SIZE,
     ) -> None:
         self.rows = list(rows)
         self.image_root = Path(image_root)
         self.image_transforms = list(image_transforms)
         self.max_pixels = int(max_pixels)
+        self.min_size = int(min_size)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -296,7 +300,7 @@ class DecodedImages(Dataset):
         row = self.rows[index]
         path = resolve_image_path(row, self.image_root)
         try:
-            image = read_image(path, "RGB", self.max_pixels)
+            image = read_image(path, "RGB", self.max_pixels, self.min_size)
         except UnreadableImageError as err:
             return row.id, None, str(err)
         return row.id, tuple(t(image) for t in self.image_transforms), ""
@@ -351,32 +355,43 @@ def run_cache_job(
     desc: str = "caching",
     show_progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_IMAGE_SIZE,
 ) -> list[TargetStats]:
     """Fill every target cache for ``rows`` (already this job's shard); returns per-target statistics.
 
-    Unreadable images (``max_pixels``: the decompression-bomb limit) are skipped, counted and listed in each
-    cache's metadata (``corrupt``); they are retried on the next run."""
+    Unreadable images (``max_pixels``: the decompression-bomb limit; ``min_size``: the smallest shorter side)
+    are skipped, counted and listed in each cache's metadata (``corrupt``); they are retried on the next run.
+
+    Batches are fixed slices of ``rows`` (``rows[k*batch_size:(k+1)*batch_size]``), whether or not a run was
+    interrupted: a resumed build encodes every image in the same batch as an uninterrupted build (batched
+    convolution kernels may round differently with other batch neighbours or sizes) and so writes the same
+    bytes. A slice holding any missing record is encoded whole; only the missing records are written."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if max_pixels < 1:
         raise ValueError(f"--max_image_pixels must be >= 1, got {max_pixels}")
+    if min_size < 1:
+        raise ValueError(f"--min_image_size must be >= 1, got {min_size}")
+    rows = list(rows)
     stats = [TargetStats(enc.name, w.path) for enc, w in targets]
-    todo = []
+    needed = []
     for row in rows:
         missing = [not w.has(row.id) for _, w in targets]
         for s, m in zip(stats, missing):
             s.already_cached += int(not m)
-        if any(missing):
-            todo.append(row)
-    if len(todo) < len(rows):
+        needed.append(any(missing))
+    slices = [range(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
+    batches = [list(sl) for sl in slices if any(needed[i] for i in sl)]
+    todo = [i for b in batches for i in b]
+    if sum(needed) < len(rows):
         print(
-            f"resuming: {len(rows) - len(todo)} of {len(rows)} images are already in every cache", flush=True
+            f"resuming: {len(rows) - sum(needed)} of {len(rows)} images are already in every cache",
+            flush=True,
         )
-    dataset = DecodedImages(todo, image_root, [enc.transform for enc, _ in targets], max_pixels)
+    dataset = DecodedImages(rows, image_root, [enc.transform for enc, _ in targets], max_pixels, min_size)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_images,
         pin_memory=torch.cuda.is_available(),
@@ -389,10 +404,9 @@ def run_cache_job(
         for t, ((enc, writer), s) in enumerate(zip(targets, stats)):
             sel = [i for i, sid in enumerate(batch.ids) if not writer.has(sid)]
             if sel:
-                images = batch.images[t] if len(sel) == len(batch.ids) else batch.images[t][sel]
-                out = enc.encode(images)
-                for i, record in zip(sel, out):
-                    writer.put(batch.ids[i], record)
+                out = enc.encode(batch.images[t])  # the whole slice: the same batch as an uninterrupted build
+                for i in sel:
+                    writer.put(batch.ids[i], out[i])
                 s.written += len(sel)
             for sid, reason in batch.corrupt:
                 if not writer.has(sid):
@@ -461,6 +475,13 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
         help="Images whose header claims more pixels are skipped, counted and listed as unreadable "
         f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit).",
     )
+    parser.add_argument(
+        "--min_image_size",
+        type=int,
+        default=DEFAULT_MIN_IMAGE_SIZE,
+        help="Images whose shorter side has fewer pixels are skipped, counted and listed as unreadable with "
+        f"their path (upscaled they would be nearly flat; default {DEFAULT_MIN_IMAGE_SIZE}).",
+    )
     parser.add_argument("--no_progress", action="store_true", help="Disable the progress bar.")
 
 
@@ -517,6 +538,75 @@ def add_dino_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     )
 
 
+def vae_encoder(args: argparse.Namespace, device: torch.device, prefix: str = "") -> VAELatentEncoder:
+    """The VAE-latent encoder that the flags of :func:`add_vae_args` (same ``prefix``) describe."""
+    return VAELatentEncoder(
+        args.pretrained_model_name_or_path,
+        resolution=getattr(args, f"{prefix}resolution"),
+        dtype=getattr(args, f"{prefix}dtype"),
+        store_moments=args.store_moments,
+        subfolder=args.vae_subfolder,
+        device=device,
+        model_dtype=args.model_dtype,
+    )
+
+
+def dino_encoder(args: argparse.Namespace, device: torch.device, prefix: str = "") -> DinoTokenEncoder:
+    """The DINOv2-token encoder that the flags of :func:`add_dino_args` (same ``prefix``) describe."""
+    return DinoTokenEncoder(
+        args.dinov2_weights,
+        variant=args.variant,
+        resolution=getattr(args, f"{prefix}resolution"),
+        dtype=getattr(args, f"{prefix}dtype"),
+        device=device,
+        model_dtype=args.model_dtype,
+    )
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """One cache of the single-cache CLIs: its flags, its encoder, what its --output_dir holds."""
+
+    label: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    make_encoder: Callable[[argparse.Namespace, torch.device], CacheEncoder]
+    output_help: str
+
+
+CACHE_KINDS = {
+    "vae": CacheKind(
+        label="VAE latents",
+        add_args=add_vae_args,
+        make_encoder=vae_encoder,
+        output_help="Latent cache directory (LMDB shards + metadata.json).",
+    ),
+    "dino": CacheKind(
+        label="DINOv2 tokens",
+        add_args=add_dino_args,
+        make_encoder=dino_encoder,
+        output_help="Token cache directory (LMDB shards + metadata.json).",
+    ),
+}
+
+
+def single_cache_parser(kind: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_job_args(parser)
+    parser.add_argument("--output_dir", required=True, help=CACHE_KINDS[kind].output_help)
+    CACHE_KINDS[kind].add_args(parser)
+    return parser
+
+
+def single_cache_main(kind: str, description: str, argv: list[str] | None = None) -> list[TargetStats]:
+    """``main`` of encode_vae_latents.py (``kind="vae"``) and build_dino_cache.py (``"dino"``): one cache
+    into --output_dir (build_caches.py builds both in one pass, from the same encoders and flags)."""
+    spec = CACHE_KINDS[kind]
+    args = single_cache_parser(kind, description).parse_args(argv)
+    return run_cli_job(args, lambda device: [(spec.make_encoder(args, device), args.output_dir)], spec.label)
+
+
 def job_rows(args: argparse.Namespace) -> tuple[list[SampleRow], list[SampleRow], int, int, Path]:
     """(all rows, this job's rows, num_shards, shard_index, image_root) from the common flags."""
     rows = read_sample_csv(args.csv)
@@ -568,4 +658,5 @@ def run_cli_job(
         desc=f"{label} [{shard_index + 1}/{num_shards}]",
         show_progress=not args.no_progress,
         max_pixels=args.max_image_pixels,
+        min_size=args.min_image_size,
     )

@@ -20,48 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-
-from preprocessing.cache_jobs import (  # noqa: E402
-    TargetStats,
-    VAELatentEncoder,
-    add_job_args,
-    add_vae_args,
-    run_cli_job,
-)
-from utils.cli import run_cli  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_job_args(parser)
-    parser.add_argument(
-        "--output_dir", required=True, help="Latent cache directory (LMDB shards + metadata.json)."
-    )
-    add_vae_args(parser)
-    return parser.parse_args(argv)
+from preprocessing.cache_jobs import TargetStats, single_cache_main
+from utils.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> list[TargetStats]:
-    args = parse_args(argv)
-
-    def encoders(device: torch.device) -> list[tuple[VAELatentEncoder, str]]:
-        encoder = VAELatentEncoder(
-            args.pretrained_model_name_or_path,
-            resolution=args.resolution,
-            dtype=args.dtype,
-            store_moments=args.store_moments,
-            subfolder=args.vae_subfolder,
-            device=device,
-            model_dtype=args.model_dtype,
-        )
-        return [(encoder, args.output_dir)]
-
-    return run_cli_job(args, encoders, "VAE latents")
+    return single_cache_main("vae", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.checkpoint import atomic_write
+from utils.cli import run_cli
 
 
 def _package_dir(name: str, hint: str) -> Path:

@@ -22,22 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
+import argparse
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
 
-from preprocessing.synthetic_imagenet import (  # noqa: E402
+from preprocessing.synthetic_imagenet import (
     CORRUPT_FILE_NAME,
     IMAGENET_CLASSES,
-    write_synthetic_imagenet,  # noqa: E402
+    write_synthetic_imagenet,
 )
-from preprocessing.synthetic_mvtec import write_synthetic_mvtec  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from preprocessing.synthetic_mvtec import write_synthetic_mvtec
+from utils.cli import run_cli
 
 # Bump when anything generated changes: cached trees with another version are regenerated.
 ASSETS_VERSION = 1

@@ -17,17 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 
-import torch  # noqa: E402
+import torch
 
-from preprocessing.cache_jobs import MODEL_DTYPES, SD15_HOW_TO_GET  # noqa: E402
-from preprocessing.sample_imagenet_subset import DEFAULT_CLASS_INDEX, load_class_index  # noqa: E402
-from utils.checkpoint import save_safetensors_atomic, torch_save_atomic  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import progress  # noqa: E402
-from utils.weights import SD15_LOCAL_DIR, resolve_hf_path  # noqa: E402
+from preprocessing.cache_jobs import MODEL_DTYPES, SD15_HOW_TO_GET
+from preprocessing.sample_imagenet_subset import DEFAULT_CLASS_INDEX, load_class_index
+from utils.checkpoint import save_safetensors_atomic, torch_save_atomic
+from utils.cli import run_cli
+from utils.logging import progress
+from utils.weights import SD15_LOCAL_DIR, resolve_hf_path
 
 DEFAULT_TEMPLATE = "a photo of a {}"
 

@@ -23,18 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
+import argparse
+import csv
+import hashlib
+import json
+import os
+import random
 
-from datasets.sample_csv import CSV_COLUMNS  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import UserError, run_cli  # noqa: E402
-from utils.images import IMAGE_EXTENSIONS  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from datasets.sample_csv import CSV_COLUMNS
+from utils.checkpoint import atomic_write
+from utils.cli import UserError, run_cli
+from utils.images import IMAGE_EXTENSIONS
+from utils.logging import get_logger, progress
 
 logger = get_logger("sample_imagenet_subset")
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from preprocessing.synthetic_mvtec import MVTEC_CLASSES, render_sample  # noqa: E402
+from preprocessing.synthetic_mvtec import MVTEC_CLASSES, render_sample
 
 
 def write_standin_pairs(

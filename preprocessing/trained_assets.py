@@ -30,15 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
 
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import run_cli
 
 STAMP_NAME = "TRAINED_ASSETS.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,17 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import lmdb  # noqa: E402
+import lmdb
 
-from datasets.lmdb_cache import (  # noqa: E402
+from datasets.lmdb_cache import LMDBCacheReader
+from datasets.lmdb_cache_format import (
     CacheCorruptError,
-    LMDBCacheReader,
     MetadataMismatchError,
     RecordFormat,
     list_shards,
@@ -35,7 +35,7 @@ from datasets.lmdb_cache import (  # noqa: E402
     read_metadata,
     release_env,
 )
-from utils.logging import progress  # noqa: E402
+from utils.logging import progress
 
 
 @dataclass

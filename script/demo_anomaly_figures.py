@@ -6,7 +6,7 @@ fg images whose true masks are known (IoU printed).
 
 The demo's tiny SD-1.5 has random weights and trains a few steps, so its fg branch draws noise, not a defect
 on black, and the masks extracted from that noise are (almost) all white. Mask extraction itself
-(eval/mask_extraction.py) is shown where it can be judged: on fg = image x true mask of the synthetic MVTec
+(models/mask_extraction.py) is shown where it can be judged: on fg = image x true mask of the synthetic MVTec
 defects, the input the fg branch is trained to produce.
 """
 
@@ -17,16 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from datasets.mvtec import defect_images, list_defects, mask_path_for  # noqa: E402
-from eval.mask_extraction import MaskParams, extract_mask, mask_iou, mask_to_image  # noqa: E402
-from utils.cli import raise_if_problems, run_cli  # noqa: E402
-from utils.figures import save_labelled_grid  # noqa: E402
-from utils.images import list_images  # noqa: E402
+from datasets.mvtec import defect_images, list_defects, mask_path_for
+from models.mask_extraction import MaskParams, extract_mask, mask_iou, mask_to_image
+from utils.cli import raise_if_problems, run_cli
+from utils.figures import save_labelled_grid
+from utils.images import list_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

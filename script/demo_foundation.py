@@ -11,16 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
+import torch
 
-from models.dinov2_encoder import DINOv2Encoder  # noqa: E402
-from preprocessing.make_tiny_assets import ensure_tiny_assets  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.figures import save_labelled_grid  # noqa: E402
-from utils.images import list_images, load_rgb, pil_to_tensor  # noqa: E402
-from utils.seed import seed_everything  # noqa: E402
+from models.dinov2_encoder import DINOv2Encoder
+from preprocessing.make_tiny_assets import ensure_tiny_assets
+from utils.cli import run_cli
+from utils.figures import save_labelled_grid
+from utils.images import list_images, load_rgb, pil_to_tensor
+from utils.seed import seed_everything
 
 
 def main() -> None:

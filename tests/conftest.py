@@ -7,16 +7,15 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # --import-mode=importlib does not put the rootdir on sys.path; `pytest` (not `python -m pytest`) needs this.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from a test
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from a test (set before any HF import)
 torch.set_num_threads(2)
 
 

@@ -129,6 +129,12 @@ def prune_checkpoints(
         shutil.rmtree(old, ignore_errors=True)
 
 
+def partial_dir(output_dir: str | os.PathLike) -> Path:
+    """The temporary folder :func:`atomic_save_state` writes ``output_dir`` into before renaming it."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(f".{output_dir.name}.partial")
+
+
 def atomic_save_state(
     accelerator: Any, output_dir: str | os.PathLike, write_extra: Callable[[Path], None] | None = None
 ) -> Path:
@@ -139,7 +145,7 @@ def atomic_save_state(
     adds files before the rename, so they appear together with the rest.
     """
     output_dir = Path(output_dir)
-    tmp = output_dir.with_name(f".{output_dir.name}.partial")
+    tmp = partial_dir(output_dir)
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()

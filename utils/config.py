@@ -299,10 +299,11 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = None)
         "--set",
         dest="overrides",
         nargs="*",
+        action="extend",  # --set a=1 --set b=2 keeps both (a plain store kept only the last)
         default=[],
         metavar="KEY=VALUE",
         help="Override config entries, dotted keys allowed, values parsed as YAML "
-        "(e.g. --set train.max_steps=100 loss.align_coeff=0.0).",
+        "(e.g. --set train.max_steps=100 loss.align_coeff=0.0). May be repeated; later overrides win.",
     )
 
 

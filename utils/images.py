@@ -19,6 +19,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # below what a forged header (20000x20000 = 400 MP) would make the decoder allocate.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+# Smallest shorter side (pixels) of a *training* image (``--min_image_size`` of the anomaly trainers and the
+# cache builders, ``data.min_image_size`` of DinoVQ). Below it an image is refused with its path: a 1x1 image
+# resized to 512 px is a flat colour, not a photo of the object. 16 px is far below every real dataset used
+# here (MVTec AD >= 700 px, ImageNet >= ~20 px) and keeps the tiny test assets (16-64 px) usable.
+DEFAULT_MIN_IMAGE_SIZE = 16
+
 # Modes converted with PIL's own ``convert`` (8 bits per channel; colour spaces with a defined RGB mapping).
 _PIL_CONVERTIBLE = frozenset(
     {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -68,16 +74,19 @@ def to_8bit(image: Image.Image, mode: str = "RGB", source_format: str | None = N
 
 
 def read_image(
-    path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1
 ) -> Image.Image:
     """Decode an image file fully into 8-bit ``mode`` ("RGB" or "L"; see :func:`to_8bit`).
 
     Raises :class:`UnreadableImageError` naming the file and the reason: missing, not an image, truncated,
-    unsupported mode, or more than ``max_pixels`` pixels in its header (checked before decoding, so a
-    decompression bomb costs nothing).
+    unsupported mode, more than ``max_pixels`` pixels in its header (checked before decoding, so a
+    decompression bomb costs nothing), or a shorter side below ``min_size`` pixels (training readers pass
+    ``--min_image_size``, default :data:`DEFAULT_MIN_IMAGE_SIZE`).
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    if min_size < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size}")
     path = Path(path)
     if not path.is_file():
         raise UnreadableImageError(path, "file not found")
@@ -97,6 +106,12 @@ def read_image(
         width, height = img.size
         if width * height > max_pixels:
             raise UnreadableImageError(path, _too_large(width, height, max_pixels))
+        if min(width, height) < min_size:
+            raise UnreadableImageError(
+                path,
+                f"too small: {width}x{height}, shorter side below --min_image_size {min_size} px (upscaled to "
+                "the training resolution it would be a nearly flat image); lower --min_image_size to accept it",
+            )
         try:
             img.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -116,10 +131,12 @@ def _too_large(width: int, height: int, max_pixels: int) -> str:
     )
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
+def load_rgb(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1
+) -> Image.Image | None:
     """:func:`read_image` as RGB, or ``None`` when the file is unusable (use ``read_image`` for the reason)."""
     try:
-        return read_image(path, "RGB", max_pixels)
+        return read_image(path, "RGB", max_pixels, min_size)
     except UnreadableImageError:
         return None
 

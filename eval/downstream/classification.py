@@ -17,15 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from datasets.mvtec import SPLIT_RULES, defect_images  # noqa: E402
-from eval.downstream.data import (  # noqa: E402
+from datasets.mvtec import SPLIT_RULES, defect_images
+from eval.downstream.data import (
     DEFAULT_SPLIT_RULE,
     DownstreamDataError,
     GeneratedClassificationDataset,
@@ -34,12 +34,18 @@ from eval.downstream.data import (  # noqa: E402
     load_image_uint8,
     resolve_defects,
 )
-from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, write_csv, write_json  # noqa: E402
-from eval.downstream.resnet import build_resnet34  # noqa: E402
-from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
-from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from eval.downstream.report import METRICS_CSV, METRICS_JSON, confusion_figure, write_csv, write_json
+from eval.downstream.resnet import build_resnet34
+from eval.downstream.trainer import (
+    add_optimisation_args,
+    check_optimisation_args,
+    log_evaluation,
+    train_model,
+)
+from eval.manifest import check_sets, evaluation_manifest, write_manifest
+from train.core import add_core_args, core_config_from_args, make_accelerator
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("downstream.classification")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_batch_size", type=int, default=32, help="Test-time batch size.")
     g.add_argument("--skip_eval", action="store_true", help="Train only.")
+    g.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="Use generated sets whose manifests show images of several weights, weights trained for another "
+        "class/defect, or different base models (refused by default; eval/manifest.py).",
+    )
     g.add_argument("--note", default="", help="Free text stored in metrics.json and shown in the tables.")
     return p
 
@@ -227,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = find_generated_pairs(
         args.generated_root, args.class_name, defects, args.max_images_per_defect, need_masks=False
     )
+    sets = {d: Path(args.generated_root) / args.class_name / d for d in defects}
+    set_manifests = check_sets(sets, args.allow_mixed_weights)
     dataset = GeneratedClassificationDataset(pairs, args.resolution)
     train_counts = {d: len(p.images) for d, p in pairs.items()}
     logger.info("training images: %s; test images: %d", train_counts, len(items))
@@ -244,14 +258,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "imagenet_weights": imagenet_file,
     }
     model = train_model(accelerator, args, cfg, model, dataset, classification_loss, model_config)
-    if args.skip_eval or not accelerator.is_main_process:
-        return {}
-    extra = {"train_images": train_counts, "imagenet_weights": imagenet_file}
-    if imagenet_file is None:
-        extra["warning"] = (
-            "ResNet-34 trained from random initialisation (no ImageNet weights): not comparable"
+    try:
+        if args.skip_eval or not accelerator.is_main_process:
+            return {}
+        extra = {"train_images": train_counts, "imagenet_weights": imagenet_file}
+        if imagenet_file is None:
+            extra["warning"] = (
+                "ResNet-34 trained from random initialisation (no ImageNet weights): not comparable"
+            )
+        record = evaluate(model, args, defects, items, images, accelerator.device, extra)
+        out = Path(args.output_dir)
+        manifest = evaluation_manifest(
+            job="classification", flags=vars(args), inputs=set_manifests,
+            outputs=[out / METRICS_JSON, out / METRICS_CSV, out / "model.safetensors"],
+            allowed_mixed=args.allow_mixed_weights,
+        )  # fmt: skip
+        write_manifest(out, manifest)
+        per = record["metrics"]["per_defect"]
+        rows = [["all", record["metrics"]["accuracy"]], *([d, a] for d, a in per.items())]
+        scalars = {"accuracy": record["metrics"]["accuracy"]}
+        log_evaluation(
+            accelerator, "eval/classification", ["scope", "accuracy"], rows, cfg.max_steps, scalars
         )
-    return evaluate(model, args, defects, items, images, accelerator.device, extra)
+        return record
+    finally:
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

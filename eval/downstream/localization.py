@@ -11,7 +11,9 @@ the real held-out MVTec AD test images (AnomalyDiffusion / DualAnoDiff protocol)
 
 Writes to --output_dir: model.safetensors + model_config.json, metrics.json and metrics.csv (the whole class
 and each defect type: image AUROC/AP/F1-max, pixel AUROC/AP/F1-max, AU-PRO at FPR 0.3), predictions.png,
-checkpoint-<step>/, losses.jsonl and TensorBoard logs. Protocol: docs/anomaly_downstream.md.
+anomaly_maps/ (float maps in MVTec's evaluation layout; re-score with eval/downstream/anomaly_maps.py),
+manifest.json (flags, commit, the generated sets' manifests), checkpoint-<step>/, losses.jsonl and tracker
+logs. Protocol: docs/anomaly_downstream.md.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+from collections.abc import Callable
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from datasets.mvtec import SPLIT_RULES, good_images  # noqa: E402
-from eval.downstream.data import (  # noqa: E402
+from datasets.mvtec import SPLIT_RULES, good_images
+from eval.downstream.anomaly_maps import FORMATS, save_anomaly_maps
+from eval.downstream.au_pro import AU_PRO_RULES
+from eval.downstream.data import (
     DEFAULT_SPLIT_RULE,
     GeneratedSegmentationDataset,
     MixedSegmentationDataset,
@@ -40,20 +44,26 @@ from eval.downstream.data import (  # noqa: E402
     resolve_defects,
     texture_images,
 )
-from eval.downstream.metrics import (  # noqa: E402
+from eval.downstream.metrics import (
     AU_PRO_LIMIT,
     IMAGE_SCORE_KERNEL,
     METRIC_NAMES,
     image_scores_from_maps,
     localization_metrics,
 )
-from eval.downstream.report import METRICS_CSV, METRICS_JSON, localization_figure, write_csv, write_json  # noqa: E402
-from eval.downstream.trainer import add_optimisation_args, check_optimisation_args, train_model  # noqa: E402
-from losses.focal import focal_loss  # noqa: E402
-from models.draem_segmentation import DiscriminativeSubNetwork, init_weights  # noqa: E402
-from train.core import add_core_args, core_config_from_args, make_accelerator  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from eval.downstream.report import METRICS_CSV, METRICS_JSON, localization_figure, write_csv, write_json
+from eval.downstream.trainer import (
+    add_optimisation_args,
+    check_optimisation_args,
+    log_evaluation,
+    train_model,
+)
+from eval.manifest import check_sets, evaluation_manifest, write_manifest
+from losses.focal import focal_loss
+from models.draem_segmentation import DiscriminativeSubNetwork, init_weights
+from train.core import add_core_args, core_config_from_args, make_accelerator
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("downstream.localization")
 SOURCES = ("generated", "perlin", "both")
@@ -130,7 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pixel F1-max over all thresholds (0) or over the grid 0, step, ..., 1 (references: 0.05).",
     )
     g.add_argument("--au_pro_limit", type=float, default=AU_PRO_LIMIT, help="FPR limit of AU-PRO.")
+    g.add_argument(
+        "--au_pro_rule",
+        choices=AU_PRO_RULES,
+        default="dualanodiff",
+        help="AU-PRO tie rule. dualanodiff: DualAnoDiff's au_pro_util.py (score > t, FPR counted by position in "
+        "the sorted normal scores: PRO stays flat through tied normal scores), the papers' numbers; mvtec: MVTec "
+        "AD's official evaluation (score >= t, a tie block crossed diagonally). They differ on saturated maps.",
+    )
+    g.add_argument(
+        "--au_pro_num_thresholds",
+        type=int,
+        default=None,
+        help="--au_pro_rule dualanodiff: sample this many evenly spaced positions of the sorted normal scores "
+        "(the reference: 100). Default: every position.",
+    )
     g.add_argument("--eval_batch_size", type=int, default=8, help="Test-time batch size.")
+    g.add_argument(
+        "--anomaly_maps",
+        choices=FORMATS,
+        default="npy",
+        help="Save the test anomaly maps under <output_dir>/anomaly_maps/<class>/test/<defect>/: npy (float32 at "
+        "--resolution), tiff (float32 at the original image size, MVTec's evaluate_experiment.py layout; "
+        "about 4 MB each at 1024 px), both, or none.",
+    )
+    g.add_argument(
+        "--allow_mixed_weights",
+        action="store_true",
+        help="Use generated sets whose manifests show images of several weights, weights trained for another "
+        "class/defect, or different base models (refused by default; eval/manifest.py).",
+    )
     g.add_argument("--num_figure_images", type=int, default=8, help="Test images in predictions.png.")
     g.add_argument("--skip_eval", action="store_true", help="Train only.")
     g.add_argument(
@@ -158,6 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--f1_grid_step must be in [0, 1), got {args.f1_grid_step}")
     if not 0.0 < args.au_pro_limit <= 1.0:
         parser.error(f"--au_pro_limit must be in (0, 1], got {args.au_pro_limit}")
+    if args.au_pro_num_thresholds is not None and (
+        args.au_pro_rule != "dualanodiff" or args.au_pro_num_thresholds < 2
+    ):
+        parser.error(
+            "--au_pro_num_thresholds needs --au_pro_rule dualanodiff and a value >= 2 (reference: 100)"
+        )
     if args.eval_batch_size < 1 or args.num_figure_images < 0:
         parser.error("--eval_batch_size must be >= 1 and --num_figure_images >= 0")
     return args
@@ -220,10 +265,17 @@ def evaluate(
     """Anomaly maps of the test images, the metrics per class and per defect type, and the output files."""
     images, masks = test_set
     maps = predict_maps(model, images, args.eval_batch_size, device)
+    maps_dir = save_anomaly_maps(args.output_dir, args.class_name, items, maps, args.anomaly_maps)
 
     def metrics_of(index: list[int]) -> dict[str, float]:
         return localization_metrics(
-            maps[index], masks[index], args.image_score_kernel, args.f1_grid_step, args.au_pro_limit
+            maps[index],
+            masks[index],
+            args.image_score_kernel,
+            args.f1_grid_step,
+            args.au_pro_limit,
+            args.au_pro_rule,
+            args.au_pro_num_thresholds,
         )
 
     good = [i for i, it in enumerate(items) if it.defect == "good"]
@@ -240,6 +292,7 @@ def evaluate(
         "note": args.note,
         "metrics": results,
         "n_test_images": {d: sum(it.defect == d for it in items) for d in ["good", *defects]},
+        "anomaly_maps": str(maps_dir) if maps_dir else None,
         "test_images": [
             str(it.image.relative_to(root)) if it.image.is_relative_to(root) else str(it.image)
             for it in items
@@ -250,6 +303,8 @@ def evaluate(
             "image_score_kernel": args.image_score_kernel,
             "f1_grid_step": args.f1_grid_step,
             "au_pro_limit": args.au_pro_limit,
+            "au_pro_rule": args.au_pro_rule,
+            "au_pro_num_thresholds": args.au_pro_num_thresholds,
             "max_train_steps": args.max_train_steps,
             "train_batch_size": args.train_batch_size,
             "base_width": args.base_width,
@@ -298,8 +353,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_set = load_test_set(items, args.resolution)  # decoded now: a bad file fails before training
     good = good_images(args.mvtec_root, args.class_name)
     train_counts: dict[str, int] = {"good": len(good)}
+    set_manifests = {}
     if args.source in ("generated", "both"):
         pairs = find_generated_pairs(args.generated_root, args.class_name, defects)
+        sets = {d: Path(args.generated_root) / args.class_name / d for d in defects}
+        set_manifests = check_sets(sets, args.allow_mixed_weights)
         generated = GeneratedSegmentationDataset(good, pairs, args.resolution, args.normal_ratio)
         train_counts.update({d: len(p.images) for d, p in pairs.items()})
     if args.source in ("perlin", "both"):
@@ -328,10 +386,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "split_rule": args.split_rule,
     }
     model = train_model(accelerator, args, cfg, model, dataset, segmentation_loss(args), model_config)
-    if args.skip_eval or not accelerator.is_main_process:
-        return {}
-    extra = {"train_images": train_counts, "defects": defects}
-    return evaluate(model, args, items, test_set, accelerator.device, extra)
+    try:
+        if args.skip_eval or not accelerator.is_main_process:
+            return {}
+        extra = {"train_images": train_counts, "defects": defects}
+        record = evaluate(model, args, items, test_set, accelerator.device, extra)
+        out = Path(args.output_dir)
+        outputs = [out / METRICS_JSON, out / METRICS_CSV, out / "model.safetensors"]
+        manifest = evaluation_manifest(
+            job="localization", flags=vars(args), inputs=set_manifests, outputs=outputs,
+            allowed_mixed=args.allow_mixed_weights,
+        )  # fmt: skip
+        write_manifest(out, manifest)
+        rows = [[scope, *(m[k] for k in METRIC_NAMES)] for scope, m in record["metrics"].items()]
+        log_evaluation(
+            accelerator,
+            "eval/localization",
+            ["scope", *METRIC_NAMES],
+            rows,
+            cfg.max_steps,
+            record["metrics"]["all"],
+        )
+        return record
+    finally:
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+from typing import Any
 
-from eval.downstream.metrics import METRIC_NAMES  # noqa: E402
-from eval.downstream.report import METRICS_JSON  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
+from eval.downstream.metrics import METRIC_NAMES
+from eval.downstream.report import METRICS_JSON
+from utils.checkpoint import atomic_write
 
 LOCALIZATION_HEADERS = (
     "image AUROC",

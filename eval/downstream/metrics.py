@@ -6,7 +6,7 @@
   scores, pixel level on all pixels of all test images pooled);
 * F1-max: the largest F1 over all thresholds (``precision_recall_curve``); ``grid_step > 0`` evaluates only
   the thresholds ``0, step, 2 step, ..., 1`` with ``score > t``, the references' pixel-level rule;
-* AU-PRO: :mod:`eval.downstream.au_pro` (up to FPR 0.3, normalised).
+* AU-PRO: :mod:`eval.downstream.au_pro` (up to FPR 0.3, normalised; DualAnoDiff's tie rule by default).
 """
 
 from __future__ import annotations
@@ -99,8 +99,13 @@ def localization_metrics(
     kernel: int = IMAGE_SCORE_KERNEL,
     f1_grid_step: float = 0.0,
     fpr_limit: float = AU_PRO_LIMIT,
+    au_pro_rule: str = "dualanodiff",
+    au_pro_num_thresholds: int | None = None,
 ) -> dict[str, float]:
     """All :data:`METRIC_NAMES` for ``[N,H,W]`` anomaly maps in [0, 1] and ``[N,H,W]`` boolean ground truth.
+
+    ``au_pro_rule`` / ``au_pro_num_thresholds``: AU-PRO's tie rule and threshold sampling
+    (:func:`eval.downstream.au_pro.pro_curve`).
 
     An image is anomalous when its mask has any anomalous pixel.
     """
@@ -120,5 +125,5 @@ def localization_metrics(
         "pixel_auroc": auroc(pixel_labels, pixel_scores, "pixel AUROC"),
         "pixel_ap": average_precision(pixel_labels, pixel_scores, "pixel AP"),
         "pixel_f1_max": f1_max(pixel_labels, pixel_scores, f1_grid_step, "pixel F1-max"),
-        "au_pro": au_pro(maps.numpy(), masks.numpy(), fpr_limit),
+        "au_pro": au_pro(maps.numpy(), masks.numpy(), fpr_limit, au_pro_rule, au_pro_num_thresholds),
     }

@@ -126,7 +126,8 @@ def train_model(
     """Train ``model`` on ``dataset`` with ``loss_fn(model, batch) -> (loss, logs)`` through the core.
 
     Returns the unwrapped model holding the final weights (also when the run was already complete and was
-    only resumed from its last checkpoint).
+    only resumed from its last checkpoint). The trackers stay open: the caller logs its evaluation with
+    :func:`log_evaluation` and then calls ``accelerator.end_training()``.
     """
     model_type = type(model)
     register_weight_hooks(accelerator, model_type)
@@ -166,5 +167,16 @@ def train_model(
         save_final=save_final,
         tracker_config=vars(args),
     )
-    run_training(accelerator, cfg, task)
+    run_training(accelerator, cfg, task, end_training=False)  # the caller logs its evaluation, then ends
     return accelerator.unwrap_model(model)
+
+
+def log_evaluation(
+    accelerator, name: str, columns: list[str], rows: list[list[Any]], step: int, scalars: dict[str, float]
+) -> None:
+    """An evaluation's table and its headline numbers to every active tracker (``--report_to``)."""
+    from train.core.trackers import log_table
+
+    if accelerator.is_main_process and accelerator.trackers:
+        accelerator.log({f"{name}/{k}": v for k, v in scalars.items()}, step=step)
+        log_table(accelerator, name, columns, rows, step)

@@ -5,8 +5,8 @@
     .env/bin/python script/bench/bench_dinov2_loss.py --tiny                                 # on the tiny assets
 
 Models (random weights, nothing to download): SD-1.5's U-Net with the trainers' LoRA (rank 32 on to_q/k/v/out.0)
-and SD-1.5's VAE, both from the values of runwayml/stable-diffusion-v1-5 unet/ and vae/config.json; DINOv2
-ViT-B/14 (layers 3 6 9 11, l2, layers summed); TAESD = diffusers AutoencoderTiny defaults (madebyollin/taesd).
+and SD-1.5's VAE, both from the values of stable-diffusion-v1-5/stable-diffusion-v1-5 unet/ and vae/config.json;
+DINOv2 ViT-B/14 (layers 3 6 9 11, l2, layers summed); TAESD = diffusers AutoencoderTiny defaults (madebyollin/taesd).
 Each variant is the repo's own ``PerceptualTerm`` (train/anomaly/perceptual.py) with its flags.
 
 The overhead of a variant is what the term adds to a training step: its forward (x0 -> decode -> DINOv2) and its
@@ -37,23 +37,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import contextlib
+import gc
+import itertools
+import os
+import statistics
+import time
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache  # noqa: E402
-from losses.latent_crops import crop_boxes, crop_tiles  # noqa: E402
-from train.anomaly.perceptual import PerceptualTerm, default_dino_resolution  # noqa: E402
-from utils.memory import LiveTensorPeak, PeakRSS  # noqa: E402
+from losses.dinov2_perceptual import DINOv2PerceptualLoss, DINOv2TargetCache
+from losses.latent_crops import crop_boxes, crop_tiles
+from train.anomaly.perceptual import PerceptualTerm, default_dino_resolution
+from utils.memory import LiveTensorPeak, PeakRSS
 
 LAYERS = [3, 6, 9, 11]
 SEED_BATCH = 8  # the seed's stage-1 --train_batch_size (stage 2: 4 pairs = 8 U-Net samples, 4 in the term)

@@ -2,9 +2,9 @@
 
     .env/bin/python script/bench/bench_dual_interaction.py [--resolution 512] [--rank 32]
 
-Builds SD-1.5's U-Net from its config (runwayml/stable-diffusion-v1-5 unet/config.json, the shapes only: no
-weights are read; on the meta device, so nothing is allocated), wraps it in DualLoRAUNet for each
-interaction preset and reports:
+Builds SD-1.5's U-Net from its config (stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json, the
+shapes only: no weights are read; on the meta device, so nothing is allocated), wraps it in DualLoRAUNet for
+each interaction preset and reports:
 
 * trainable parameters: LoRA (two sets, U-Net only) and interaction modules;
 * forward FLOPs of one (blend, fg) pair at --resolution, counted by torch's FlopCounterMode (matmuls,
@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 
-import torch  # noqa: E402
+import torch
 
 
 def build(preset: str | None, rank: int):

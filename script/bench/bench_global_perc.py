@@ -21,15 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import statistics
+import subprocess
+import time
 
-import torch  # noqa: E402
+import torch
 
-from utils.memory import PeakRSS  # noqa: E402
+from utils.memory import PeakRSS
 
 
 def naive_loss(model, cfg, pred, target):

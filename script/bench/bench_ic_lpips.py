@@ -14,14 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from eval.ic_lpips import LPIPSFeatureSpace, LPIPSRecomputeSpace, ic_lpips  # noqa: E402
-from losses.lpips_vgg import build_lpips_vgg  # noqa: E402
+from eval.ic_lpips import LPIPSFeatureSpace, LPIPSRecomputeSpace, ic_lpips
+from losses.lpips_vgg import build_lpips_vgg
 
 
 def synthetic(n: int, resolution: int, gen: torch.Generator) -> list[torch.Tensor]:

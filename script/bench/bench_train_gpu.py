@@ -33,20 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,7 +137,7 @@ def write_sd15_pipeline(root: Path) -> Path:
 
     torch.manual_seed(0)
     UNet2DConditionModel(**SD15_UNET_CONFIG).save_pretrained(root / "unet")
-    AutoencoderKL(  # runwayml/stable-diffusion-v1-5 vae/config.json
+    AutoencoderKL(  # stable-diffusion-v1-5/stable-diffusion-v1-5 vae/config.json
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,

@@ -23,27 +23,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import csv
+import os
+import random
+import shutil
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from datasets.lmdb_cache import (  # noqa: E402
-    DEFAULT_CHECKSUM,
-    LMDBCacheReader,
-    LMDBCacheWriter,
-    shared_readonly_env,
-)
-from datasets.sample_csv import read_sample_csv  # noqa: E402
-from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader  # noqa: E402
+from datasets.lmdb_cache import LMDBCacheReader
+from datasets.lmdb_cache_format import DEFAULT_CHECKSUM, shared_readonly_env
+from datasets.lmdb_cache_writer import LMDBCacheWriter
+from datasets.sample_csv import read_sample_csv
+from datasets.sd15_aligned import SD15AlignedDataset, make_batched_loader
 
 
 def write_synthetic_caches(

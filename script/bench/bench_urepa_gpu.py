@@ -19,17 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import gc
+import json
+import statistics
+import tempfile
+import time
 
-import torch  # noqa: E402
+import torch
 
-from script.bench.bench_urepa_data import write_synthetic_caches  # noqa: E402
-from script.bench.bench_urepa_step import SD15_UNET_CONFIG  # noqa: E402
+from script.bench.bench_urepa_data import write_synthetic_caches
+from script.bench.bench_urepa_step import SD15_UNET_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,9 @@
 #   processes/node  PROCS_PER_NODE, SLURM_GPUS_ON_NODE, the GPUs nvidia-smi lists, 1
 # DRY_RUN=1 prints the command instead of running it. Run from the repository root; the launcher is
 # ACCELERATE (an accelerate executable) if set, else LAUNCH / .env's Python as every script (script/lib/python.sh).
-# docs/scaling.md
+# Preemption: SIGUSR1 / SIGTERM sent to this script are passed on to the training processes (the launcher's
+# children: torchrun itself would die on SIGUSR1), which finish their step, checkpoint it and exit 75; this
+# script then exits with the launcher's status. docs/scaling.md
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 ACCELERATE_CONFIG TRAINER.py [TRAINER ARGS ...]" >&2
@@ -60,4 +62,18 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   echo
   exit 0
 fi
-exec "${cmd[@]}"
+# not exec: this shell stays to pass SLURM's early-warning signal on to the training processes
+"${cmd[@]}" &
+launcher_pid=$!
+forward() {
+  echo "[node $NODE_RANK] $1: passed on to the training processes (they checkpoint and exit 75)" >&2
+  pkill "-$1" -P "$launcher_pid" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+while :; do
+  status=0
+  wait "$launcher_pid" || status=$?
+  kill -0 "$launcher_pid" 2>/dev/null || break  # a trapped signal interrupts `wait`: wait again
+done
+exit "$status"

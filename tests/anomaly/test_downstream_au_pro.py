@@ -1,4 +1,5 @@
-"""AU-PRO against the definition of Bergmann et al. (IJCV 2021) on hand-made cases and random maps.
+"""AU-PRO (``rule="mvtec"``) against the definition of Bergmann et al. (IJCV 2021) on hand-made cases and random
+maps. The tie rules against their references' formulas: test_downstream_au_pro_rules.py.
 
 ``direct_au_pro`` below implements the definition literally and independently of eval/downstream/au_pro.py:
 its own 8-connected component search (breadth-first), one binary prediction per distinct score, the overlap
@@ -13,7 +14,12 @@ from collections import deque
 import numpy as np
 import pytest
 
-from eval.downstream.au_pro import au_pro, pro_curve
+from eval.downstream.au_pro import au_pro as _au_pro
+from eval.downstream.au_pro import pro_curve
+
+
+def au_pro(maps, gts, limit: float = 0.3) -> float:
+    return _au_pro(maps, gts, limit, rule="mvtec")
 
 
 def _components(gt: np.ndarray) -> list[np.ndarray]:
@@ -178,7 +184,7 @@ def test_curve_is_monotone_and_spans_the_limit():
     rng = np.random.default_rng(3)
     maps = rng.random((4, 16, 16))
     gt = rng.random((4, 16, 16)) < 0.1
-    fprs, pros = pro_curve(maps, gt, 0.3)
+    fprs, pros = pro_curve(maps, gt, 0.3, rule="mvtec")
     assert fprs[0] == 0 and pros[0] == 0 and fprs[-1] == 1 and pros[-1] == 1
     assert np.all(np.diff(fprs) >= 0) and np.all(np.diff(pros) >= -1e-12)
     assert fprs[-2] >= 0.3  # the last built vertex is at or past the limit

@@ -3,6 +3,7 @@ the jobs' outputs, the results table and the demo script."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -102,6 +103,54 @@ def test_localization_outputs(localization_runs, tiny_assets):
     assert (a / "predictions.png").stat().st_size > 1000
     config = json.loads((a / "model_config.json").read_text())
     assert config["base_width"] == 4 and config["defects"] == ["crack", "hole"]
+    # manifest.json next to the result: flags, commit, the generated sets (stand-ins: no manifest), outputs
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["kind"] == "evaluation" and manifest["job"] == "localization"
+    assert (
+        manifest["inputs"] == {"crack": None, "hole": None}
+        and manifest["flags"]["au_pro_rule"] == "dualanodiff"
+    )
+    outputs = {o["name"]: o["sha256"] for o in manifest["outputs"]}
+    assert outputs["metrics.json"] == hashlib.sha256((a / "metrics.json").read_bytes()).hexdigest()
+
+
+def test_saved_anomaly_maps_rescore_to_the_same_metrics(localization_runs, tiny_assets):
+    import numpy as np
+    from PIL import Image
+
+    from eval.downstream.anomaly_maps import main as maps_cli
+    from eval.downstream.anomaly_maps import read_index, score
+
+    a, _ = localization_runs
+    rec = json.loads((a / "metrics.json").read_text())
+    maps_dir = a / "anomaly_maps"
+    rows = read_index(maps_dir)
+    assert len(rows) == len(rec["test_images"]) and rows[0]["tiff"] == ""  # default: npy only
+    first = next(r for r in rows if r["defect"] != "good")
+    m = np.load(maps_dir / first["npy"])
+    assert m.shape == (64, 64) and m.dtype == np.float32 and 0 <= m.min() <= m.max() <= 1
+    assert first["npy"] == f"hazelnut/test/{first['defect']}/{Path(first['image']).stem}.npy"
+    # the same numbers as metrics.json, from the saved maps and the ground-truth paths alone
+    again = score(maps_dir)
+    for scope, metrics in rec["metrics"].items():
+        for k, v in metrics.items():
+            assert again[scope][k] == pytest.approx(v, abs=1e-6), (scope, k)
+    mvtec = score(maps_dir, au_pro_rule="mvtec")
+    assert mvtec["all"]["pixel_auroc"] == pytest.approx(rec["metrics"]["all"]["pixel_auroc"], abs=1e-6)
+    # MVTec's evaluate_experiment.py layout: <maps>/<class>/test/<defect>/<id>.tiff at the image size, and a
+    # dataset folder holding exactly the evaluated images and their <id>_mask.png ground truth
+    assert maps_cli(["tiff", "--maps_dir", str(maps_dir)]) == {"tiff": len(rows)}
+    first = next(r for r in read_index(maps_dir) if r["defect"] != "good")
+    with Image.open(maps_dir / first["tiff"]) as im, Image.open(first["image"]) as src:
+        assert im.mode == "F" and im.size == src.size
+        full = np.asarray(im)
+    assert abs(float(full.mean()) - float(m.mean())) < 0.05  # a resize of the same map
+    subset = maps_dir / "mvtec_subset" / "hazelnut"
+    stem = Path(first["image"]).stem
+    assert (subset / "test" / first["defect"] / f"{stem}.png").is_file()
+    assert (subset / "ground_truth" / first["defect"] / f"{stem}_mask.png").is_file()
+    n_subset = sum(1 for _ in (subset / "test").rglob("*.png"))
+    assert n_subset == len(rows)  # only the held-out test images
 
 
 def test_perlin_baseline_and_table(tiny_assets, localization_runs, tmp_path):
@@ -114,10 +163,20 @@ def test_perlin_baseline_and_table(tiny_assets, localization_runs, tmp_path):
         [
             "--source", "perlin", "--class_name", "hazelnut", "--mvtec_root", str(tiny_assets["mvtec"]),
             "--resolution", "64", "--base_width", "4", "--train_batch_size", "2", "--max_train_steps", "2",
-            "--report_to", "none", "--mixed_precision", "no", "--output_dir", str(out), "--num_figure_images", "2",
+            "--report_to", "tensorboard", "--mixed_precision", "no", "--output_dir", str(out),
+            "--num_figure_images", "2", "--anomaly_maps", "none",
         ]
     )  # fmt: skip
     assert rec["method"] == "perlin" and rec["train_images"] == {"good": 8, "textures": 8}
+    assert not (out / "anomaly_maps").exists()
+    # the evaluation table and its headline numbers reached TensorBoard (--report_to)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "logs" / "downstream-localization-perlin"), size_guidance={"tensors": 0})
+    ea.Reload()
+    assert ea.Scalars("eval/localization/au_pro")[0].value == pytest.approx(rec["metrics"]["all"]["au_pro"])
+    text = ea.Tensors("eval/localization/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("| scope | image_auroc |") and "| all |" in text
     (tmp_path / "hazelnut" / "localization-generated").mkdir()
     shutil.copy(a / "metrics.json", tmp_path / "hazelnut" / "localization-generated" / "metrics.json")
     table = make_tables(tmp_path)

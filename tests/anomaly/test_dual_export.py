@@ -149,3 +149,50 @@ def pipe_image(x):
     from utils.images import to_pil
 
     return to_pil(x, (-1.0, 1.0))
+
+
+def test_branch_lora_export_bytes_do_not_depend_on_the_string_hash(tiny_assets, trained, tmp_path):
+    """Issue 21 R11: peft's target_modules is a set, written by diffusers as ``list(set)`` -- an order that
+    follows PYTHONHASHSEED, so two same-seed runs exported different bytes. Sorted lists are stable."""
+    import json
+
+    from safetensors import safe_open
+
+    from models.dual_lora import BRANCH_LORA_NAMES, export_branch_loras
+
+    dual, te, _ = trained
+    export_branch_loras(dual, te, tmp_path)
+    for name in BRANCH_LORA_NAMES.values():
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        lists = {k: v for k, v in meta.items() if k.endswith("target_modules")}
+        assert set(lists) == {"unet.target_modules", "text_encoder.target_modules"}
+        for key, modules in lists.items():
+            assert len(modules) > 1 and modules == sorted(modules), (key, modules)
+
+
+def test_pipeline_presets_match_the_cli(tiny_assets, trained, monkeypatch):
+    import eval.generate as generate
+    import models.dual_sampling
+    from models.dual_anodiff_pipeline import DualAnoDiffPipeline
+
+    calls = []
+
+    def fake_sample_pairs(components, **kw):
+        calls.append(kw)
+        n = len(kw["seeds"])
+        return torch.zeros(n, 3, 8, 8), torch.zeros(n, 3, 8, 8)
+
+    monkeypatch.setattr(models.dual_sampling, "sample_pairs", fake_sample_pairs)
+    pipe = DualAnoDiffPipeline.from_pretrained(tiny_assets["sd15"], trained[2])
+    pipe.set_progress_bar_config(disable=True)
+    pipe(num_images=1, preset="official")
+    pipe(num_images=1)
+    pipe(num_images=1, preset="official", num_inference_steps=5, sampler="ddim", guidance_scale=1.0)
+    got = [(c["scheduler"], c["num_inference_steps"], c["guidance_scale"]) for c in calls]
+    assert got[0] == ("pndm", 100, 2.5) == tuple(generate.PRESETS["official"].values())  # DualAnoDiff's
+    assert got[1] == ("ddim", 50, 2.5) == tuple(generate.PRESETS["fast"].values())  # the CLI's default
+    assert got[2] == ("ddim", 5, 1.0)  # explicit values override the preset
+    assert calls[0]["prompt_blend"] == "a vfx with sks" and calls[0]["prompt_fg"] == "sks"
+    with pytest.raises(ValueError, match="preset"):
+        pipe(num_images=1, preset="slow")

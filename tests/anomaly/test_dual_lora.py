@@ -15,6 +15,7 @@ from models.dual_lora import (
     normalize_lora_keys,
     save_dual_weights,
 )
+from preprocessing.convert_official_dualanodiff import official_to_our_key
 
 _BASE = {}
 
@@ -183,27 +184,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 #   x = temporal_o(attn_1head(temporal_q/k/v(temporal_i(LayerNorm_eps1e-6(h)))))  over the 2 branch tokens
 # of every position, and h + x.
 
-OFFICIAL_TO_OURS_INTERACTION = {
-    "n": "norm",
-    "i": "proj_in",
-    "q": "to_q",
-    "k": "to_k",
-    "v": "to_v",
-    "o": "proj_out",
-}
-
-
-def official_to_our_key(name: str, attn_path: str) -> str:
-    """A parameter name of the official LoRAAttnProcessor2_0 -> our trainable_state_dict key."""
-    import re
-
-    m = re.fullmatch(r"to_(q|k|v|out)_lora\.(\d)\.(down|up)\.weight", name)
-    if m:
-        proj = "to_out.0" if m[1] == "out" else f"to_{m[1]}"
-        return f"unet.{attn_path}.{proj}.{'lora_A' if m[3] == 'down' else 'lora_B'}.{m[2]}.weight"
-    m = re.fullmatch(r"temporal_([niqkvo])\.(weight|bias)", name)
-    assert m, name
-    return f"interactions.{attn_path.replace('.', '__')}.{OFFICIAL_TO_OURS_INTERACTION[m[1]]}.{m[2]}"
+# The official-name mapping (official_to_our_key) lives in the converter, preprocessing/convert_official_dualanodiff.py.
 
 
 def official_processor_params(dim: int, ctx_dim: int, rank: int, seed: int) -> dict[str, torch.Tensor]:

@@ -130,6 +130,9 @@ def test_cli_on_tiny_assets(tiny_assets, tmp_path):
     summary = main(["--gen_root", str(tmp_path / "generate_data"), "--class_name", "hazelnut", *common])
     assert (gen / "ic_lpips.json").is_file() and (gen / "ic_lpips.csv").is_file()
     data = json.loads((gen / "ic_lpips.json").read_text())
+    manifest = json.loads((gen / "ic_lpips.manifest.json").read_text())  # next to the result
+    assert manifest["job"] == "ic_lpips" and set(manifest["inputs"]) == {"hazelnut/full", "hazelnut/hole"}
+    assert {o["name"] for o in manifest["outputs"]} == {"ic_lpips.json", "ic_lpips.csv"}
     hole = next(r for r in data["per_folder"] if r["defect"] == "hole")
     n_hole = len(list((tiny_assets["mvtec"] / "hazelnut" / "test" / "hole").glob("*.png")))
     assert hole["centres"] == "official" and hole["num_centres"] == n_hole // 3  # the official script's l
@@ -138,6 +141,16 @@ def test_cli_on_tiny_assets(tiny_assets, tmp_path):
     assert split["num_centres"] == official_train_count(n_hole) != n_hole // 3  # 6 images: 3 vs 2
     with pytest.raises(FileNotFoundError, match="defect type 'nope'"):
         main(["--image_dir", str(gen / "hole"), "--defect", "nope", *common])
+    # a set whose manifest says it mixes weights is refused unless --allow_mixed_weights
+    from eval.manifest import MixedSetsError, write_manifest
+
+    write_manifest(
+        gen / "hole",
+        {"class": "hazelnut", "defect": "hole", "mixed_weights": True, "earlier_weights": [{}],
+         "weights": {"trained_for": {}}, "base_model": {"path": "sd", "configs": []}},
+    )  # fmt: skip
+    with pytest.raises(MixedSetsError, match="2 sets of weights"):
+        main(["--image_dir", str(gen / "hole" / "image"), "--defect", "hole", *common])
 
 
 def test_official_centres_are_the_first_third_of_the_sorted_test_images(tiny_assets, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -100,8 +102,12 @@ def test_cli_equals_torch_fidelity_calculate_metrics(tmp_path, random_inception_
             "3",
             "--device",
             "cpu",
+            "--output_json",
+            str(tmp_path / "is.json"),
         ]
     )
+    manifest = json.loads((tmp_path / "is.manifest.json").read_text())
+    assert manifest["job"] == "inception_score" and manifest["outputs"][0]["name"] == "is.json"
     ref = torch_fidelity.calculate_metrics(
         input1=str(folder),
         isc=True,

@@ -176,10 +176,11 @@ def test_pndm_sampler_equals_the_official_pipeline_loop(tiny_assets, dual_compon
 
 
 def test_validation_uses_the_generation_sampler_with_the_flags(monkeypatch, tmp_path):
-    """Stage-2 validation samples through eval.generate.sample_pairs with the flags' sampler and guidance."""
+    """Stage-2 validation samples through the generation sampler (models.dual_sampling.sample_pairs, which
+    eval/generate.py uses) with the flags' sampler and guidance."""
     import argparse
 
-    import eval.generate
+    import models.dual_sampling
     from train.anomaly.validation import validate_stage2
 
     calls = []
@@ -188,7 +189,7 @@ def test_validation_uses_the_generation_sampler_with_the_flags(monkeypatch, tmp_
         calls.append((prompt_blend, prompt_fg, seeds, kw))
         return torch.zeros(len(seeds), 3, 8, 8), torch.zeros(len(seeds), 3, 8, 8)
 
-    monkeypatch.setattr(eval.generate, "sample_pairs", fake_sample_pairs)
+    monkeypatch.setattr(models.dual_sampling, "sample_pairs", fake_sample_pairs)
     args = argparse.Namespace(
         output_dir=str(tmp_path),
         instance_prompt_blend="a vfx with sks",

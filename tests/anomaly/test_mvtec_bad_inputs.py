@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,40 @@ def test_trainer_flags(tmp_path):
     assert parse(stage2_parser(), base).mask_size_mismatch == "error"
     with pytest.raises(SystemExit, match="--max_image_pixels must be >= 1"):
         parse(stage2_parser(), [*base, "--max_image_pixels", "0"])
+
+
+def _stage_main(script: str):
+    from tests.core.trainers import Trainer
+
+    return Trainer(script.split("/")[1], script, "", lambda *a: []).main()
+
+
+@pytest.mark.parametrize(
+    "stage, broken, message",
+    [
+        ("train/stage1-full/train.py", "bomb", r"001\.png: too many pixels"),
+        ("train/stage1-full/train.py", "tiny", r"001\.png: too small: 1x1"),
+        ("train/stage2-dual/train.py", "mask", r"000_mask\.png is 16x8 but its image"),
+    ],
+)
+def test_bad_training_data_exits_2_with_one_message(stage, broken, message, tmp_path, capsys):
+    """Issue 21 R1/R13: bad data found before any model is loaded ended with exit 1 and a chained traceback
+    (ValueError); a 1x1 image was upscaled and trained on. Now: exit 2 and one message naming the file."""
+    from utils.cli import run_cli
+
+    root = tmp_path / "mvtec"
+    _case(root, (16, 16), np.zeros((8, 16) if broken == "mask" else (16, 16), np.uint8))
+    if broken == "bomb":
+        write_bomb_png(root / "c/train/good/001.png")
+    elif broken == "tiny":
+        Image.new("RGB", (1, 1), (9, 9, 9)).save(root / "c/train/good/001.png")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no_weights"), "--instance_data_dir", str(root)]
+    argv += ["--mvtec_name", "c", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
+    argv += ["--report_to", "none", "--mixed_precision", "no"]
+    if "stage2" in stage:
+        argv += ["--mvtec_anomaly_name", "d", "--split_rule", "ceil"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_stage_main(stage), argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert re.search(message, " ".join(err.split())) and "Traceback" not in err, err

@@ -138,6 +138,12 @@ def test_stage1_lora_loads_into_stock_pipeline(stage1_run, tiny_assets):
     torch.testing.assert_close(out_pipe, ref.forward_branch(x, t, e, "blend"), atol=1e-5, rtol=1e-4)
     base = UNet2DConditionModel.from_pretrained(tiny_assets["sd15"], subfolder="unet")
     assert (out_pipe - base(x, t, encoder_hidden_states=e).sample).abs().max() > 1e-4  # LoRA was trained
+    # the Hugging Face model card next to the LoRA
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(stage1_run / "README.md")
+    assert card.data.base_model == str(tiny_assets["sd15"]) and card.data.instance_prompt == "a vfx"
+    assert "lora" in card.data.tags and 'weight_name="pytorch_lora_weights.safetensors"' in card.text
 
 
 def test_stage2_starts_from_stage1_checkpoint(stage1_run, tiny_assets, tmp_path):
@@ -164,6 +170,9 @@ def test_stage2_starts_from_stage1_checkpoint(stage1_run, tiny_assets, tmp_path)
     # per-branch diffusers LoRA files for stock pipelines (loading them: tests/anomaly/test_dual_export.py)
     assert (out / "pytorch_lora_weights_blend.safetensors").is_file()
     assert (out / "pytorch_lora_weights_fg.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "pytorch_lora_weights_blend.safetensors" in card and "pytorch_lora_weights_fg.safetensors" in card
+    assert "instance_prompt: a vfx with sks" in card and "| defect type | hole |" in card
     config = json.loads((out / "dual_config.json").read_text())
     assert config["stage_start_step"] == 4 and config["dual_mode"] == "interrelated"
     unet_sd, te_sd = read_stage1_lora(stage1_run / "checkpoint-4")

@@ -150,3 +150,26 @@ def test_two_processes_on_cpu(name, tiny_assets, tmp_path):
     # a 1-process run resumes the 2-process checkpoint
     run(name, tiny_assets, out, steps=STEPS + 1, resume="latest")
     assert [r["step"] for r in log_rows(out)] == list(range(1, STEPS + 2))
+
+
+CHANGED_LR = {  # a flag each trainer's resumed run would silently ignore (the optimizer state keeps the old LR)
+    "stage1": (["--learning_rate", "5e-3"], "learning_rate"),
+    "stage2": (["--learning_rate", "5e-3"], "learning_rate"),
+    "dinovq": (["--set", "train.lr=5e-3"], "train.lr"),
+    "latent_head": (["--lr", "5e-3"], "lr"),
+    "sd15": (["--set", "optim.lr=5e-3"], "optim.lr"),
+    "downstream_localization": (["--learning_rate", "5e-3"], "learning_rate"),
+}
+
+
+def test_resume_with_a_changed_learning_rate_is_refused(first_run, tiny_assets):
+    """Issue 21 R6: every trainer records config.yaml; a resume that changes what the checkpoint would override
+    is refused naming the key (exit 2 through run_cli), and nothing is trained."""
+    from train.core.run_config import ConfigChangedError
+
+    name, a = first_run
+    assert (a / "config.yaml").is_file()
+    extra, key = CHANGED_LR[name]
+    with pytest.raises(ConfigChangedError, match=rf"(?m)^  - {key}: .* -> 0\.005$"):
+        run(name, tiny_assets, a, steps=STEPS + 1, resume="latest", extra=extra)
+    assert sorted(p.name for p in a.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]

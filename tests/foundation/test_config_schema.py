@@ -170,3 +170,20 @@ def test_config_errors_are_user_errors_exit_2_under_run_cli(capsys, monkeypatch)
         assert exit_info.value.code == 2
         err = " ".join(capsys.readouterr().err.split())  # the message is wrapped at 110 columns
         assert message in err and "Traceback" not in err
+
+
+def test_repeated_set_flags_are_all_kept():
+    """Issue 21 R2: ``--set a=1 --set b=2`` kept only the last flag (a plain store with nargs="*")."""
+    import argparse
+
+    from utils.config import add_config_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, default="x.yaml")
+    args = parser.parse_args(["--set", "train.lr=1", "train.seed=2", "--set", "train.lr=3"])
+    assert args.overrides == [
+        "train.lr=1",
+        "train.seed=2",
+        "train.lr=3",
+    ]  # the later train.lr wins when applied
+    assert parser.parse_args([]).overrides == []

@@ -118,6 +118,9 @@ def test_evaluate_tiny_checkpoint_end_to_end(tmp_path, tiny_assets, fast_sqrtm):
         ]
     )
     res = json.loads((out / "run" / "checkpoint-1.json").read_text())
+    manifest = json.loads((out / "run" / "checkpoint-1.manifest.json").read_text())
+    names = {f["name"] for f in manifest["inputs"]["checkpoint"]["weights"]["files"]}
+    assert manifest["job"] == "evaluate_sd15" and "ema_state.safetensors" in names
     assert (
         res["step"] == 1 and np.isfinite(res["fid"]) and np.isfinite(res["sfid"]) and res["weights"] == "ema"
     )

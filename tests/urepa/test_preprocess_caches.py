@@ -405,3 +405,80 @@ def test_decompression_bomb_and_16bit_png_in_a_cache_job(tiny_assets, tmp_path):
     small = build_dino_cache.main([*argv, "--max_image_pixels", "10"])
     assert small[0].written == 0 and small[0].already_cached == 3
     assert read_metadata(tmp_path / "dino")["count"] == 3
+
+
+class _BatchSensitiveEncoder:
+    """A stand-in encoder whose records depend on the batch they were encoded in (as batched conv kernels'
+    rounding can): record = image mean + 1e-3 * batch mean. ``stop_after`` raises KeyboardInterrupt then."""
+
+    name = "batch_sensitive"
+    metadata = {"encoder": "batch_sensitive", "shape": [1], "dtype": "float32"}
+
+    def __init__(self, stop_after: int | None = None):
+        self.calls, self.stop_after = 0, stop_after
+
+    @staticmethod
+    def transform(image):
+        return torch.tensor([float(sum(image.getpixel((0, 0))))])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.stop_after is not None and self.calls == self.stop_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return images + 1e-3 * images.mean()
+
+
+def test_interrupted_and_resumed_build_writes_the_same_bytes(tmp_path):
+    """Issue 21 R8: a resumed build batched only the missing images -- including the unreadable ones, which are
+    retried -- so the batches after an unreadable image shifted and their records were encoded with other
+    neighbours than in an uninterrupted build. Batches are now fixed slices of the rows."""
+    from datasets.lmdb_cache import LMDBCacheWriter
+    from datasets.sample_csv import SampleRow
+    from preprocessing.cache_jobs import run_cache_job
+
+    rows = []
+    for i in range(10):
+        Image.new("RGB", (16, 16), (i * 20, 3 * i, 7)).save(tmp_path / f"{i}.png")
+        rows.append(SampleRow(f"id{i}", f"{i}.png", 0, "n0"))
+    (tmp_path / "1.png").write_bytes(b"not an image")  # unreadable: retried on every run
+
+    def build(cache: Path, stop_after: int | None) -> None:
+        enc = _BatchSensitiveEncoder(stop_after)
+        writer = LMDBCacheWriter(cache, enc.metadata, shard_size=100)
+        try:
+            run_cache_job(rows, [(enc, writer)], tmp_path, batch_size=4, num_workers=0, show_progress=False)
+        except KeyboardInterrupt:
+            writer.close()
+
+    build(tmp_path / "straight", None)
+    build(tmp_path / "resumed", 1)  # interrupted after the first batch (4 records committed)
+    assert len(LMDBCacheReader(tmp_path / "resumed")) == 3
+    build(tmp_path / "resumed", None)
+    a, b = LMDBCacheReader(tmp_path / "straight"), LMDBCacheReader(tmp_path / "resumed")
+    assert sorted(a.keys()) == sorted(b.keys()) and len(a) == 9
+    for key in a.keys():
+        assert a.get(key).numpy().tobytes() == b.get(key).numpy().tobytes(), key
+
+
+def test_image_below_the_minimum_size_is_skipped_and_named(tmp_path):
+    """Issue 21 R13: a 1x1 image was upscaled to a flat image and cached; now refused with its path."""
+    from datasets.lmdb_cache import LMDBCacheWriter
+    from datasets.sample_csv import SampleRow
+    from preprocessing.cache_jobs import run_cache_job
+
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "ok.png")
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(tmp_path / "dot.png")
+    rows = [SampleRow("ok", "ok.png", 0, "n0"), SampleRow("dot", "dot.png", 0, "n0")]
+    enc = _BatchSensitiveEncoder()
+    with LMDBCacheWriter(tmp_path / "c", enc.metadata, shard_size=100) as writer:
+        stats = run_cache_job(
+            rows, [(enc, writer)], tmp_path, batch_size=2, num_workers=0, show_progress=False
+        )
+    assert stats[0].written == 1 and stats[0].corrupt == 1
+    reason = read_metadata(tmp_path / "c")["corrupt"]["dot"]
+    assert "dot.png" in reason and "too small: 1x1" in reason and "--min_image_size 16" in reason
+    with LMDBCacheWriter(tmp_path / "c2", enc.metadata, shard_size=100) as writer:  # the flag accepts it
+        stats = run_cache_job(
+            rows, [(enc, writer)], tmp_path, batch_size=2, num_workers=0, show_progress=False, min_size=1
+        )
+    assert stats[0].written == 2

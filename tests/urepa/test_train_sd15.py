@@ -198,3 +198,23 @@ def test_two_processes_through_accelerate(tmp_path, tiny_assets):
     # one RNG file per rank proves two ranks took part
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_csv_ids_missing_from_the_caches_exit_2_with_one_message(tmp_path, tiny_assets, capsys):
+    """Issue 21 R1: found before any model is loaded, but a ValueError (exit 1, chained traceback)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_sd15
+    from utils.cli import run_cli
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    overrides = _cache_overrides(tmp_path / "data")
+    with open(tmp_path / "data" / "train.csv", "a") as f:
+        f.write("not_cached_0,/x/not_cached_0.JPEG,0,n00000000\n")
+    argv = ["--config", CONFIG, "--set", f"output_dir={tmp_path / 'out'}", "model.pretrained=/nonexistent"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_sd15.main, [*argv, "--set", *overrides])  # two --set flags: both kept (R2)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "1 of 9 ids" in err and "not_cached_0" in err and "Traceback" not in err, err

@@ -48,8 +48,8 @@ def _stock_unet_output(tiny_assets, lora_dir, weight_name=None):
 def test_checkpoint_lora_files_load_into_stock_pipeline(tiny_assets, tmp_path, rank, alpha):
     from safetensors.torch import load_file
 
+    from train.core.ema import ParamEMA
     from train.urepa.checkpoint import EMA_LORA_DIR, LORA_FILE, save_extra_state
-    from train.urepa.ema import ParamEMA
 
     model = _trained_model(tiny_assets, rank, alpha)
     ema = ParamEMA(model, decay=0.5)
@@ -76,6 +76,9 @@ def test_checkpoint_lora_files_load_into_stock_pipeline(tiny_assets, tmp_path, r
     out_ema, _ = _stock_unet_output(tiny_assets, tmp_path / EMA_LORA_DIR)
     assert (out_ema - averaged).abs().max().item() <= 1e-5
     assert (averaged - live).abs().max().item() > 1e-3  # the two files really differ
+    # a Hugging Face model card next to each LoRA file
+    assert "(EMA weights)" in (tmp_path / EMA_LORA_DIR / "README.md").read_text()
+    assert f'weight_name="{LORA_FILE}"' in (tmp_path / "README.md").read_text()
 
 
 def test_save_lora_weights_through_diffusers(tiny_assets, tmp_path):
@@ -87,3 +90,11 @@ def test_save_lora_weights_through_diffusers(tiny_assets, tmp_path):
         ref = model.unet(x, t, encoder_hidden_states=e).sample
     out, _ = _stock_unet_output(tiny_assets, tmp_path, weight_name="urepa_lora.safetensors")
     assert (out - ref).abs().max().item() <= 1e-5  # alpha != rank is carried by the adapter metadata
+
+
+def test_lora_metadata_target_modules_are_sorted(tiny_assets):
+    """Issue 21 (as R11 for stage 2): peft's target_modules set was written in string-hash order, so two
+    same-seed runs' LoRA files differed in bytes; sorted, the metadata is the same in every process."""
+    meta = _trained_model(tiny_assets, rank=4, alpha=4).lora_adapter_metadata()
+    modules = meta["target_modules"]
+    assert isinstance(modules, list) and len(modules) > 1 and modules == sorted(modules)

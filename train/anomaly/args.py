@@ -21,7 +21,8 @@ from train.anomaly.perceptual import (
     default_dino_resolution,
 )
 from train.core.config import add_core_args
-from utils.images import DEFAULT_MAX_PIXELS
+from train.core.trackers import resolve_report_to
+from utils.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_IMAGE_SIZE
 
 DINOV2_CHOICES = (
     "vits14",
@@ -72,6 +73,13 @@ def _common(parser: argparse.ArgumentParser, **core_help: str) -> None:
         default=DEFAULT_MAX_PIXELS,
         help="An image (or mask) whose header claims more pixels is an error naming the file "
         f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit).",
+    )
+    g.add_argument(
+        "--min_image_size",
+        type=int,
+        default=DEFAULT_MIN_IMAGE_SIZE,
+        help="A training image whose shorter side has fewer pixels is an error naming the file (upscaled to "
+        f"--resolution it would be a nearly flat image; default {DEFAULT_MIN_IMAGE_SIZE}).",
     )
 
     g = parser.add_argument_group("optimisation")
@@ -311,6 +319,20 @@ def stage2_parser() -> argparse.ArgumentParser:
         help="A ground-truth mask whose size differs from its image: error (naming both files), or resize "
         "it onto the image's size first so that both get the same resize and crop.",
     )
+    g = parser.add_argument_group("background compensation (DualAnoDiff's BCM variant)")
+    g.add_argument(
+        "--bcm",
+        action="store_true",
+        help="Train the bcm-dual-interrelated_diff variant: the defect image with its object's foreground "
+        "removed conditions the blend branch's self-attention through a write/read U-Net pass "
+        "(models/bcm_reference_attention.py). Needs --bcm_fg_mask_dir.",
+    )
+    g.add_argument(
+        "--bcm_fg_mask_dir",
+        default=None,
+        help="Foreground (salient-object) masks: <dir>/<class>/<defect>/<image file name> for the training "
+        "images (and <dir>/<class>/good/... for generation); e.g. U-2-Net's output, white = object.",
+    )
     return parser
 
 
@@ -337,6 +359,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     need(args.rank >= 1, "--rank must be >= 1")
     need(args.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
     need(args.max_image_pixels >= 1, "--max_image_pixels must be >= 1")
+    need(args.min_image_size >= 1, "--min_image_size must be >= 1")
     need(args.dinov2_loss_weight >= 0, "--dinov2_loss_weight must be >= 0")
     if args.dinov2_resolution is None:
         args.dinov2_resolution = default_dino_resolution(
@@ -392,8 +415,15 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         elif args.interaction_reduction is None:
             args.interaction_reduction = 4
         need(args.interaction_reduction >= 1, "--interaction_reduction must be >= 1")
-    if args.report_to in ("none", ""):
-        args.report_to = None
+    args.report_to = resolve_report_to(args.report_to)  # before any model is loaded
+    if getattr(args, "bcm", False):
+        need(args.bcm_fg_mask_dir is not None, "--bcm needs --bcm_fg_mask_dir (the foreground masks)")
+        need(args.dual_mode == "interrelated", "--bcm needs --dual_mode interrelated (the reference's model)")
+        need(
+            not args.gradient_checkpointing,
+            "--bcm does not support --gradient_checkpointing (its recomputation would replay the condition "
+            "pass with the dual pass's routing)",
+        )
     return args
 
 

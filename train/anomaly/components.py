@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.dual_lora import LORA_TARGETS, add_text_encoder_lora, load_text_encoder_lora, normalize_lora_keys
+from models.dual_lora import LORA_TARGETS
+from models.dual_lora_io import add_text_encoder_lora, load_text_encoder_lora, normalize_lora_keys
 from utils.weights import MissingWeightsError, resolve_hf_path, sd15_how_to_get
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"

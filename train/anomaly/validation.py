@@ -1,8 +1,8 @@
-"""Validation samples during training (PNG grid under <output_dir>/validation/ + TensorBoard).
+"""Validation samples during training (PNG grid under <output_dir>/validation/ + every active tracker).
 
 Sampler and guidance come from the flags (``--validation_scheduler``, ``--validation_inference_steps``,
 ``--validation_guidance_scale``); stage 2 samples with the generation code's sampler
-(:func:`eval.generate.sample_pairs`), sample ``i`` with seed ``--seed + i``.
+(:func:`models.dual_sampling.sample_pairs`), sample ``i`` with seed ``--seed + i``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from train.core.trackers import log_images
 from utils.images import save_image_grid
 from utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 
-def _log_images(accelerator, tag: str, images: torch.Tensor, step: int) -> None:
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, ((images.clamp(-1, 1) + 1) / 2).cpu(), step, dataformats="NCHW")
+def _log_images(accelerator, tag: str, images: torch.Tensor, step: int, nrow: int) -> None:
+    log_images(accelerator, tag, (images.clamp(-1, 1) + 1) / 2, step, nrow=nrow)
 
 
 @torch.no_grad()
@@ -64,7 +63,7 @@ def validate_stage1(
     images = images * 2 - 1  # pipeline returns [0, 1]
     path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
     save_image_grid(images, path, nrow=min(4, len(images)), value_range=(-1, 1))
-    _log_images(accelerator, "validation", images, step)
+    _log_images(accelerator, "validation", images, step, nrow=min(4, len(images)))
     return path
 
 
@@ -79,7 +78,7 @@ def validate_stage2(
     noise_scheduler,
     step: int,
 ) -> Path:
-    from eval.generate import sample_pairs
+    from models.dual_sampling import sample_pairs
 
     components = {
         "dual_unet": dual_unet,
@@ -106,5 +105,5 @@ def validate_stage2(
     images = torch.cat([blend, fg])
     path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
     save_image_grid(images, path, nrow=len(blend), value_range=(-1, 1))
-    _log_images(accelerator, "validation/blend_fg", images, step)
+    _log_images(accelerator, "validation/blend_fg", images, step, nrow=len(blend))
     return path

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import PositiveInt
 
+from train.core.trackers import REPORT_TO_HELP, report_to_arg, resolve_report_to
 from utils.cli import UserError
 from utils.config import ConfigSection
 
@@ -53,7 +55,8 @@ class CoreConfig:
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
-    report_to: str | None = "tensorboard"
+    allow_config_change: bool = False  # resume although settings the resumed state would ignore changed
+    report_to: str | None = "tensorboard"  # resolved: comma-separated installed trackers, or None
     logging_dir: str = "logs"
     log_every: int = 1
     max_consecutive_nonfinite: int = 5
@@ -107,8 +110,12 @@ class CoreConfig:
             self.stop_at_step is None or self.stop_at_step >= 1,
             f"stop_at_step must be >= 1, got {self.stop_at_step}",
         )
-        if self.report_to in ("none", "", "None"):
-            self.report_to = None
+        need(
+            not _escapes(self.logging_dir),
+            f"logging_dir {self.logging_dir!r} must be a folder inside output_dir (a relative path without "
+            "'..'): --overwrite_output_dir deletes it",
+        )
+        self.report_to = resolve_report_to(self.report_to)  # unknown / not installed: UserError (exit 2)
         self.compile = _names(self.compile, COMPILE_TARGETS, "compile")
         self.sdpa_backend = _names(self.sdpa_backend, SDPA_BACKENDS, "sdpa_backend")
         need(
@@ -120,6 +127,12 @@ class CoreConfig:
             or (isinstance(self.dataloader_prefetch_factor, int) and self.dataloader_prefetch_factor >= 1),
             f"dataloader_prefetch_factor must be an integer >= 1 (or unset), got {self.dataloader_prefetch_factor!r}",
         )
+
+
+def _escapes(relative: str) -> bool:
+    """Whether a path meant to lie inside a run's folder is absolute or climbs out of it with ``..``."""
+    path = PurePath(relative)
+    return path.is_absolute() or ".." in path.parts
 
 
 def _names(value: Any, valid: tuple[str, ...], key: str) -> tuple[str, ...]:
@@ -216,9 +229,23 @@ def add_core_args(
         help="Start fresh in an --output_dir that already holds a run (its checkpoints and logs are deleted).",
     )
     g.add_argument(
-        "--report_to", default="tensorboard", help="accelerate tracker: tensorboard, wandb, all, none."
+        "--allow_config_change",
+        action="store_true",
+        help="Resume although a setting that the checkpoint's state would override changed since the run "
+        "started (learning rate, LR schedule, batch size, LoRA rank/alpha, ...; listed in the refusal). The new "
+        "values are applied (the optimizer and LR schedule take the new learning rate) and the change is logged.",
     )
-    g.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
+    g.add_argument(
+        "--report_to",
+        type=report_to_arg,
+        default="tensorboard",
+        help=REPORT_TO_HELP + " Default: tensorboard.",
+    )
+    g.add_argument(
+        "--logging_dir",
+        default="logs",
+        help="TensorBoard dir, relative to --output_dir and inside it (absolute paths and '..' are refused).",
+    )
     g.add_argument(
         "--log_every", type=int, default=log_every, help="Steps between log lines (losses.jsonl, trackers)."
     )

@@ -8,6 +8,7 @@ for each optimizer step:
         yes: clip, optimizer.step, LR step, after_update (EMA)      no: skip, count, stop after K in a row
     log every log_every steps (losses.jsonl, trackers, tqdm); checkpoint every checkpointing_steps
     on_step_end(step)                                               (validation, sample grids, evaluation)
+    SIGTERM/SIGUSR1/SIGINT seen by any rank: checkpoint this step, exit 75 (train/core/preempt.py)
 save_final()
 """
 
@@ -25,9 +26,24 @@ from typing import Any
 import torch
 
 from train.core import perf
-from train.core.checkpoint import LOSS_LOG_NAME, TrainerState, resume, save_checkpoint
+from train.core.checkpoint import (
+    LOSS_LOG_NAME,
+    TrainerState,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from train.core.config import CoreConfig
 from train.core.data import step_generator
+from train.core.lock import RunLock
+from train.core.preempt import Preempted, PreemptionHandler
+from train.core.run_config import (
+    apply_new_hyperparameters,
+    check_resume_config,
+    hyperparameters,
+    record_config,
+    recorded_config,
+)
 from utils.checkpoint import atomic_write
 from utils.logging import get_main_process_logger, progress
 
@@ -99,7 +115,9 @@ class Task:
     after_update: Callable[[int], None] | None = None  # after each applied optimizer step (EMA)
     on_step_end: Callable[[int], None] | None = None  # every step, all ranks (validation, grids, eval)
     save_final: Callable[[], None] | None = None  # main process, once max_steps is reached
+    # the run's full settings: recorded as <output_dir>/config.yaml, compared on resume, sent to the trackers
     tracker_config: dict[str, Any] = field(default_factory=dict)
+    step_logs: tuple[str, ...] = ()  # more step-keyed JSONL logs in output_dir cut back on resume (eval logs)
 
 
 def _log_line_filter(path: Path, keep_up_to: int) -> None:
@@ -109,7 +127,7 @@ def _log_line_filter(path: Path, keep_up_to: int) -> None:
     kept = [
         line
         for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= keep_up_to
+        if line.strip() and json.loads(line).get("step", 0) <= keep_up_to
     ]
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -136,13 +154,19 @@ class _Guard:
         self.consecutive = 0
         # Under fp16 the GradScaler skips overflowing steps itself (and must see them to lower its scale).
         self.check_grads = accelerator.mixed_precision != "fp16"
+        self.preemption: PreemptionHandler | None = None  # its flag rides on this all-reduce
+        self.preempt_now = False  # some rank received a stop signal: every rank stops after this step
 
     def step_is_finite(self, loss: torch.Tensor, grad_norms: list[torch.Tensor]) -> bool:
         checks = [loss.detach().float().reshape(())]
         if self.check_grads:
             checks += [g.detach().float().reshape(()).to(loss.device) for g in grad_norms]
         bad = (~torch.isfinite(torch.stack(checks))).any().float()
-        return float(self.accelerator.reduce(bad, reduction="sum")) == 0  # the one host sync per step
+        signalled = float(self.preemption is not None and self.preemption.requested)
+        flags = torch.stack([bad, torch.full_like(bad, signalled)])  # a fill kernel: no host copy
+        bad_sum, signalled_sum = self.accelerator.reduce(flags, reduction="sum").tolist()  # one sync per step
+        self.preempt_now = self.preempt_now or signalled_sum > 0
+        return bad_sum == 0
 
     def record(self, ok: bool, step: int, loss: torch.Tensor) -> None:
         """Count a skipped step; ``should_stop`` tells the loop to end after logging it."""
@@ -232,20 +256,43 @@ class _Logs:
         return out
 
 
-def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) -> dict[str, float]:
+def run_training(
+    accelerator, cfg: CoreConfig, task: Task, start_step: int = 0, end_training: bool = True
+) -> dict[str, float]:
     """Optimise until ``cfg.max_steps`` (or ``cfg.stop_at_step``); returns the last logged values.
 
     ``start_step``: the step a fresh (not resumed) run counts from (stage 2 continues stage 1's count).
+    ``end_training=False`` leaves the trackers open (the caller logs an evaluation after training, then calls
+    ``accelerator.end_training()`` itself).
     """
     logger = get_main_process_logger("train.core")
     out_dir = Path(cfg.output_dir)
-    state, resumed_from = resume(accelerator, out_dir, cfg.resume_from_checkpoint)
+    try:
+        return _run(accelerator, cfg, task, start_step, logger, out_dir, end_training)
+    finally:
+        if accelerator.is_main_process:
+            RunLock(out_dir).release()  # taken by make_accelerator
+
+
+def _run(
+    accelerator, cfg: CoreConfig, task: Task, start_step: int, logger, out_dir: Path, end_training: bool
+) -> dict[str, float]:
+    resumed_from = find_checkpoint(out_dir, cfg.resume_from_checkpoint)
     if resumed_from is None:
-        state.step = start_step
-    if resumed_from is not None and task.load_state_extra is not None:
-        task.load_state_extra(state.extra, resumed_from)
+        state = TrainerState(step=start_step)
+    else:
+        old, where = recorded_config(resumed_from)
+        changes = check_resume_config(old, task.tracker_config, where, cfg.allow_config_change, logger)
+        new_hyperparameters = hyperparameters(task.optims)
+        state = load_checkpoint(accelerator, resumed_from)
+        if changes:
+            apply_new_hyperparameters(task.optims, new_hyperparameters)
+        if task.load_state_extra is not None:
+            task.load_state_extra(state.extra, resumed_from)
     if accelerator.is_main_process:
-        _log_line_filter(out_dir / LOSS_LOG_NAME, state.step)
+        record_config(out_dir, task.tracker_config)
+        for name in (LOSS_LOG_NAME, *task.step_logs):
+            _log_line_filter(out_dir / name, state.step)
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.init_trackers(cfg.project_name, config=_flat_config(task.tracker_config))
@@ -260,10 +307,14 @@ def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) 
     if state.step >= stop:
         logger.info(f"nothing to do: already at step {state.step} >= {stop}")
     perf.check_compiled(cfg)
+    guard = _Guard(accelerator, cfg, state, logger)
     try:
-        last = _optimise(accelerator, cfg, task, state, _Guard(accelerator, cfg, state, logger), bar, stop)
-    except NonFiniteLossError:
+        with PreemptionHandler() as guard.preemption:
+            last = _optimise(accelerator, cfg, task, state, guard, bar, stop)
+    except (NonFiniteLossError, Preempted) as err:
         accelerator.end_training()  # flush the trackers; every rank raises the same error
+        if isinstance(err, Preempted):
+            logger.warning(str(err))
         raise
     finally:
         bar.close()
@@ -272,7 +323,8 @@ def run_training(accelerator, cfg: CoreConfig, task: Task, start_step: int = 0) 
     elif state.step < cfg.max_steps:
         logger.info(f"stopped at step {state.step}; continue with --resume_from_checkpoint latest")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
     return last
 
 
@@ -312,10 +364,14 @@ def _optimise(accelerator, cfg: CoreConfig, task: Task, state: TrainerState, gua
                 logs_acc.flush(state.step, {"skipped_steps": state.skipped_steps})
             raise guard.stop(state.step)
         every = cfg.checkpointing_steps
-        if (every and state.step % every == 0) or state.step == stop:
+        if (every and state.step % every == 0) or state.step == stop or guard.preempt_now:
+            if guard.preempt_now and state.step % cfg.log_every and state.step != stop:
+                last = logs_acc.flush(state.step, {"skipped_steps": state.skipped_steps})
             if task.state_extra is not None:
                 state.extra = task.state_extra()
             save_checkpoint(accelerator, out_dir, state, params, cfg.checkpoints_total_limit)
+        if guard.preempt_now and state.step < cfg.max_steps:
+            raise Preempted(state.step, guard.preemption.received or "a signal on another rank")
         if task.on_step_end is not None:
             task.on_step_end(state.step)
             for m in task.train_modules:

@@ -11,6 +11,8 @@ import torch
 from train.core import perf
 from train.core.checkpoint import LOSS_LOG_NAME
 from train.core.config import CoreConfig
+from train.core.lock import RunLock
+from train.core.trackers import tracker_list
 from utils.checkpoint import list_checkpoints
 from utils.cli import UserError
 
@@ -36,6 +38,12 @@ def check_output_dir(cfg: CoreConfig, is_main: bool) -> None:
             "or choose another output_dir."
         )
     if is_main:
+        logs = (out / cfg.logging_dir).resolve()
+        if not logs.is_relative_to(out.resolve()) or logs == out.resolve():  # e.g. a symlink out of the run
+            raise UserError(
+                f"logging_dir {cfg.logging_dir!r} resolves to {logs}, outside {out}: not deleting it. "
+                "Use a folder inside output_dir."
+            )
         for p in earlier:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         shutil.rmtree(out / cfg.logging_dir, ignore_errors=True)
@@ -65,16 +73,23 @@ def make_accelerator(cfg: CoreConfig, *, find_unused_parameters: bool = False, *
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.mixed_precision,
-        log_with=cfg.report_to,
+        log_with=tracker_list(cfg.report_to),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         kwargs_handlers=handlers,
         **kwargs,
     )
     check_precision(accelerator.mixed_precision, cuda)  # also when it came from the accelerate config
-    check_output_dir(cfg, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        # one writer per run folder, taken before anything in it is deleted or written (train/core/lock.py)
+        lock = RunLock(out).acquire()
+        try:
+            check_output_dir(cfg, is_main=True)
+        except BaseException:
+            lock.release()
+            raise
+    else:
+        check_output_dir(cfg, is_main=False)  # the same refusal on every rank; only the main one deletes
+    accelerator.wait_for_everyone()
     perf.apply_global_settings(cfg)
     perf.reset_compiled()
     set_seed(cfg.seed)  # same on every rank: identical initial weights everywhere

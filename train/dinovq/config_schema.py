@@ -16,6 +16,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from losses.patchgan import D_LOSSES, G_LOSSES
 from train.core.config import PerfSection
 from utils.config import ConfigSection
+from utils.images import DEFAULT_MIN_IMAGE_SIZE
 
 NonNegative = Annotated[float, Field(ge=0.0)]
 
@@ -64,6 +65,9 @@ class DataSection(ConfigSection):
     val_size: NonNegativeInt = 500  # held out from the training images when no val_dir/val_csv is given
     augment: bool = True
     num_workers: NonNegativeInt = 8
+    min_image_size: PositiveInt = (
+        DEFAULT_MIN_IMAGE_SIZE  # a training image with a shorter side is skipped, named
+    )
 
 
 class DinoSection(ConfigSection):
@@ -103,11 +107,17 @@ class TrainSection(ConfigSection):
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0  # null: no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: PositiveInt = 50
+    report_to: str = (
+        "tensorboard"  # trackers: tensorboard, wandb, comet_ml, mlflow, ..., all, none (comma list)
+    )
     checkpointing_steps: PositiveInt = 5000
     checkpoints_total_limit: PositiveInt | None = 3
     max_consecutive_nonfinite: PositiveInt = 5  # non-finite steps are skipped; stop after this many in a row
     eval_every: PositiveInt = 5000
     resume_from_checkpoint: str | None = None  # latest | a checkpoint dir | null
+    ema: bool = False  # EMA of the generator weights (LlamaGen's --ema); exported when on
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9999  # LlamaGen's update_ema default
+    init_from: str | None = None  # exported tokenizer folder to fine-tune from (step 0; not a resume)
 
     @model_validator(mode="after")
     def _disc_lr(self) -> TrainSection:

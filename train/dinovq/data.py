@@ -23,7 +23,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from utils.images import IMAGE_EXTENSIONS, load_rgb, pil_to_tensor
+from utils.images import (
+    DEFAULT_MIN_IMAGE_SIZE,
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    pil_to_tensor,
+    read_image,
+)
 from utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -95,9 +101,11 @@ class ImageDataset(Dataset):
         size: tuple[int, int],
         augment: bool = True,
         seed: int = 0,
+        min_size: int = DEFAULT_MIN_IMAGE_SIZE,
     ):
         if not items:
             raise ValueError("ImageDataset: no images")
+        self.min_size = int(min_size)
         self.items = items
         self.size = tuple(size)
         self.augment = augment
@@ -113,10 +121,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.items)):
             key, path = self.items[(index + offset) % len(self.items)]
-            img = load_rgb(path)
-            if img is not None:
+            try:
+                img = read_image(path, "RGB", min_size=self.min_size)
                 break
-            logger.warning("skipping unreadable image %s", path)
+            except UnreadableImageError as err:  # named with its reason (too small, truncated, ...)
+                logger.warning("skipping unusable image %s", err)
         else:
             raise RuntimeError("ImageDataset: none of the images can be read")
         rng = random.Random(hash((self.seed, self.epoch, index))) if self.augment else None

@@ -8,7 +8,7 @@
 * LPIPS-VGG (when its weights are available), codebook usage (distinct codes / codebook size) and perplexity
   (``exp(entropy)`` of the code histogram over the whole set), rFID (FID between the held-out images and their
   reconstructions) when the Inception weights are available: clean-fid's features of the images in [0, 255]
-  (``eval.inception.CleanFIDInception``: clean-fid's per-image resizer and feature extractor, as clean-fid's
+  (``models.inception.CleanFIDInception``: clean-fid's per-image resizer and feature extractor, as clean-fid's
   ``get_model_features`` treats generator outputs) and clean-fid's ``fid_from_feats``.
 """
 

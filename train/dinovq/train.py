@@ -3,12 +3,19 @@
     accelerate launch train/dinovq/train.py --config configs/dinovq_fast.yaml \
         --set data.train_dir=/data/imagenet dino.source=facebook/dinov2-base
     python train/dinovq/train.py --config configs/dinovq_tiny_demo.yaml --resume_from_checkpoint latest
+    python train/dinovq/train.py --config configs/dinovq_high_quality.yaml --init_from tokenizers/dinovq --ema
 
 Without GAN one AdamW optimizer updates the tokenizer; with ``model.use_gan`` a second one updates the
 discriminator (``model.loss_fn.discriminator``), as in the seed's loop: generator pass, then discriminator pass
 on the generator's (detached) reconstructions; the discriminator pass is skipped before ``disc_start``.
 Ground-truth DINO tokens come from the DINOv2 adapter on the fly, or from a DINO-token LMDB cache
 (``--dino_cache``) keyed by sample id.
+
+``--ema`` keeps an exponential moving average of the generator's parameters (LlamaGen's ``--ema``; decay
+``train.ema_decay``), saved in every checkpoint. At ``max_steps`` the run writes the tokenizer folder
+``OUTPUT_DIR/dinovq/`` (EMA weights when ``--ema``; ``DinoVQModel.from_pretrained`` loads it; any
+``checkpoint-N``: train/dinovq/export.py). ``--init_from DIR`` starts from an exported tokenizer's weights
+(fine-tuning: step 0, fresh optimizers and discriminator), unlike ``--resume_from_checkpoint``.
 """
 
 from __future__ import annotations
@@ -18,16 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from typing import Any
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+from torch.utils.data import DataLoader
 
-from models.dinovq import DinoVQModel  # noqa: E402
-from train.core import (  # noqa: E402
+from models.dinovq import DinoVQModel
+from train.core import (
     CoreConfig,
     Optim,
     StepContext,
@@ -41,21 +48,24 @@ from train.core import (  # noqa: E402
     prepare_model,
     run_training,
 )
-from train.core.config import perf_settings  # noqa: E402
-from train.dinovq.config_schema import DinoVQConfig  # noqa: E402
-from train.dinovq.data import (  # noqa: E402
+from train.core.config import perf_settings
+from train.core.ema import ParamEMA
+from train.core.trackers import log_table
+from train.dinovq.config_schema import DinoVQConfig
+from train.dinovq.data import (
     EpochShuffleSampler,
     ImageDataset,
     find_images,
     read_subset_csv,
     split_holdout,
 )
-from train.dinovq.evaluate import evaluate_reconstruction  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.config import add_config_args, load_config, save_config  # noqa: E402
-from utils.images import save_image_grid  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
-from utils.weights import MissingWeightsError  # noqa: E402
+from train.dinovq.evaluate import evaluate_reconstruction
+from train.dinovq.export import EMA_FILE, save_tokenizer
+from utils.cli import UserError, run_cli
+from utils.config import add_config_args, load_config
+from utils.images import save_image_grid
+from utils.logging import get_logger
+from utils.weights import MissingWeightsError
 
 logger = get_logger("dinovq.train")
 
@@ -119,6 +129,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Start fresh in an output dir that already holds a run (its checkpoints and logs are deleted).",
     )
     parser.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="Resume although settings the checkpoint would override changed (learning rate, schedule, batch "
+        "size, ...); the new values apply and the change is logged (docs/training_core.md, Guarantees).",
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        default=None,
+        help="Keep an EMA of the generator weights (sets train.ema; decay train.ema_decay, default 0.9999); "
+        "checkpoints hold it and the final export uses it.",
+    )
+    parser.add_argument(
+        "--init_from",
+        default=None,
+        help="Fine-tune: start from this exported tokenizer folder (config.json + model.safetensors) at step 0 "
+        "with fresh optimizers (and a fresh discriminator). Sets train.init_from. Not a resume.",
+    )
+    parser.add_argument(
         "--dino_cache",
         default=None,
         help="DINO-token LMDB cache directory (overrides dino.cache); records keyed by sample id.",
@@ -134,6 +163,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         ("mixed_precision", "train", args.mixed_precision),
         ("max_steps", "train", args.max_steps),
         ("cache", "dino", args.dino_cache),
+        ("ema", "train", args.ema),
+        ("init_from", "train", args.init_from),
     ):
         if value is not None:
             cfg[section][key] = value
@@ -207,7 +238,9 @@ def core_config(cfg: dict[str, Any], args: argparse.Namespace) -> CoreConfig:
         checkpoints_total_limit=t.get("checkpoints_total_limit"),
         resume_from_checkpoint=t.get("resume_from_checkpoint"),
         overwrite_output_dir=bool(args.overwrite_output_dir),
+        allow_config_change=bool(args.allow_config_change),
         log_every=int(t.get("log_every", 10)),
+        report_to=t.get("report_to", "tensorboard"),
         max_consecutive_nonfinite=int(t.get("max_consecutive_nonfinite", 5)),
         stop_at_step=args.stop_at_step,
         project_name="dinovq",
@@ -230,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     elif int(mcfg["dino_dim"]) != targets.dim:
         raise ValueError(f"model.dino_dim={mcfg['dino_dim']} but the DINO targets have dim {targets.dim}")
     model = DinoVQModel(**mcfg)
+    if tcfg.get("init_from"):
+        init_from_tokenizer(model, tcfg["init_from"])
     img_size = model.img_size
     # perf.compile [model]: the three transformers (the quantizer and losses stay eager); [dinov2]: the targets'
     for m in (model.encoder, model.pixel_decoder, model.dino_decoder):
@@ -239,7 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_items, val_items = load_items(dcfg)
     augment = bool(dcfg.get("augment", True)) and targets.cache is None
-    train_ds = ImageDataset(train_items, img_size, augment=augment, seed=seed)
+    train_ds = ImageDataset(
+        train_items, img_size, augment=augment, seed=seed, min_size=dcfg["min_image_size"]
+    )
     sampler = EpochShuffleSampler(len(train_ds), seed=seed)
     bs = int(tcfg["batch_size"])
     if len(train_ds) < bs * accelerator.num_processes:
@@ -305,8 +342,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             Optim("discriminator", prepared[4], prepared[5], disc_params, max_norm, active=disc_active(raw))
         )
 
-    if accelerator.is_main_process:
-        save_config({**cfg, "model": mcfg}, output_dir / "config.yaml")
+    ema = None
+    if tcfg.get("ema"):
+        ema = ParamEMA(raw, decay=float(tcfg["ema_decay"]), include=is_generator_param)
+        register_ema_hook(accelerator, ema)
+
     lpips_fn, inception = build_eval_nets(raw, ecfg, device, accelerator.is_main_process)
     last_metrics: dict[str, float] = {}
 
@@ -329,10 +369,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if val_dl is not None and accelerator.is_main_process and (step % every == 0 or step == max_steps):
             last_metrics = run_eval(raw, val_dl, lpips_fn, inception, device, ecfg, output_dir, step)
             accelerator.log({f"eval/{k}": v for k, v in last_metrics.items()}, step=step)
+            log_table(
+                accelerator, "eval/metrics", ["step", *last_metrics], [[step, *last_metrics.values()]], step
+            )
 
     def on_epoch(epoch: int) -> None:
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
+
+    def save_final() -> None:
+        info = {
+            "weights": "ema" if ema is not None else "live",
+            "step": core.max_steps,
+            "source": str(output_dir),
+        }
+        path = save_tokenizer(raw, output_dir / "dinovq", info, ema_shadow=ema.shadow if ema else None)
+        logger.info("tokenizer exported to %s (%s weights)", path, info["weights"])
 
     t0 = time.time()
     run_training(
@@ -344,12 +396,70 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             optims=optims,
             train_modules=[model],
             on_step_end=on_step_end,
-            tracker_config={**cfg, "model": mcfg},
+            save_final=save_final,
+            after_update=(lambda step: ema.update(raw)) if ema is not None else None,
+            state_extra=(lambda: {"ema_num_updates": ema.num_updates}) if ema is not None else None,
+            load_state_extra=(lambda extra, path: load_ema(ema, extra, path)) if ema is not None else None,
+            tracker_config={**cfg, "model": mcfg},  # recorded as config.yaml by the core
+            step_logs=("eval_log.jsonl",),
         ),
     )
     if accelerator.is_main_process:
         logger.info("done in %.1fs; outputs in %s", time.time() - t0, output_dir)
     return last_metrics
+
+
+def is_generator_param(name: str) -> bool:
+    """The EMA covers the tokenizer (encoder, quantizer projections, decoders), not the discriminator."""
+    return not name.startswith("loss_fn.")
+
+
+def init_from_tokenizer(model: DinoVQModel, path: str) -> None:
+    """Load an exported tokenizer's weights into ``model`` (built from this run's config): same architecture
+    required; the discriminator (not part of an export) keeps its fresh initialisation."""
+    from models.dinovq import ARCHITECTURE_KEYS
+
+    exported = DinoVQModel.from_pretrained(path)
+    ours, theirs = model.export_config(), exported.export_config()
+    diffs = [
+        f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+        for k in ARCHITECTURE_KEYS
+        if ours.get(k) != theirs.get(k)
+    ]
+    if diffs:
+        raise UserError(
+            f"--init_from {path}: a different architecture than this config's model: " + "; ".join(diffs)
+        )
+    missing, unexpected = model.load_state_dict(exported.tokenizer_state_dict(), strict=False)
+    missing = [k for k in missing if is_generator_param(k)]
+    if missing or unexpected:  # the architectures agree, so this is a damaged export
+        raise UserError(f"--init_from {path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    logger.info("initialised the tokenizer from %s (discriminator fresh)", path)
+
+
+def register_ema_hook(accelerator, ema: ParamEMA) -> None:
+    """Each checkpoint gets the EMA weights as safetensors (the update count goes to trainer_state.json)."""
+    from utils.checkpoint import save_safetensors_atomic
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_safetensors_atomic(ema.shadow, Path(output_dir) / EMA_FILE)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+
+
+def load_ema(ema: ParamEMA, extra: dict[str, Any], ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / EMA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} missing: {ckpt} was written without --ema; resume without --ema, or start a new run"
+        )
+    shadow = load_file(str(path))
+    ema.load_state_dict(
+        {"decay": ema.decay, "num_updates": int(extra.get("ema_num_updates", 0)), "shadow": shadow}
+    )
 
 
 def disc_active(raw):
@@ -410,7 +520,7 @@ def build_eval_nets(raw, ecfg, device, is_main):
                 logger.warning("evaluation LPIPS skipped: %s", err)
     if ecfg.get("rfid", True):
         try:
-            from eval.inception import load_inception
+            from models.inception import load_inception
 
             net = load_inception(ecfg.get("inception_path"), device=device)
             inception = lambda x01: net(x01 * 255.0, outputs=("pool",))["pool"]  # noqa: E731

@@ -20,16 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from models.dinov2_encoder import DINOv2Encoder  # noqa: E402
-from models.latent_dino_head import LatentDINOv2, LatentPatchHead  # noqa: E402
-from train.core import (  # noqa: E402
+from models.dinov2_encoder import DINOv2Encoder
+from models.latent_dino_head import LatentDINOv2, LatentPatchHead
+from train.core import (
     Optim,
     StepContext,
     Task,
@@ -45,10 +45,10 @@ from train.core import (  # noqa: E402
     run_training,
     to_channels_last,
 )
-from train.dinovq.data import EpochShuffleSampler, ImageDataset, find_images  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
-from utils.weights import resolve_hf_path  # noqa: E402
+from train.dinovq.data import EpochShuffleSampler, ImageDataset, find_images
+from utils.cli import run_cli
+from utils.logging import get_logger
+from utils.weights import resolve_hf_path
 
 logger = get_logger("latent_dino_head")
 HEAD_FILE = "latent_dino_head.safetensors"

@@ -16,12 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from datasets.mvtec import MVTecGoodDataset  # noqa: E402
-from train.anomaly.args import parse, stage1_parser  # noqa: E402
-from train.anomaly.components import (  # noqa: E402
+from datasets.mvtec import MVTecGoodDataset
+from train.anomaly.args import parse, stage1_parser
+from train.anomaly.components import (
     add_unet_lora,
     encode_prompt,
     load_sd_components,
@@ -30,9 +30,10 @@ from train.anomaly.components import (  # noqa: E402
     setup_text_encoder_lora,
     tokenize,
 )
-from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps  # noqa: E402
-from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
-from train.core import (  # noqa: E402
+from train.anomaly.diffusion import encode_images, noisy_and_target, sample_noise, sample_timesteps
+from train.anomaly.loop import make_optimizer, run_stage
+from train.anomaly.model_cards import write_stage1_card
+from train.core import (
     core_config_from_args,
     make_accelerator,
     make_lr_scheduler,
@@ -40,8 +41,8 @@ from train.core import (  # noqa: E402
     to_channels_last,
     weight_dtype_of,
 )
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("stage1-full")
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         flip=args.flip,
         resize_mode=args.resize_mode,
         max_pixels=args.max_image_pixels,
+        min_size=args.min_image_size,
     )
     logger.info("%d train/good images of %s", len(dataset), args.mvtec_name)
     comps = load_sd_components(args.pretrained_model_name_or_path)
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None,
             args.output_dir,
         )
+        write_stage1_card(args, args.output_dir)  # README.md: Hugging Face model card
         logger.info("final LoRA: %s", Path(args.output_dir) / "pytorch_lora_weights.safetensors")
 
     def validate(step):

@@ -14,7 +14,11 @@ for both with --dual_mode shared, the seed's stage 2). Starting from a stage-1 c
 into both branch sets (and its text-encoder LoRA); the interaction modules start as the identity
 (--interaction_init zero), the step count continues from the stage-1 step. Writes checkpoint-<step>/ and the final
 dual weights (dual_unet.safetensors, text_encoder_lora.safetensors, dual_config.json) in --output_dir;
-load them with ``models.dual_lora.load_dual_unet``.
+load them with ``models.dual_lora_io.load_dual_unet``.
+
+``--bcm --bcm_fg_mask_dir DIR``: DualAnoDiff's background-compensation variant (bcm-dual-interrelated_diff):
+each pair also carries its image's background (foreground masks from DIR), which conditions the blend branch's
+self-attention through a write/read U-Net pass (models/bcm_reference_attention.py; docs/anomaly_training.md).
 """
 
 import sys
@@ -22,38 +26,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import copy  # noqa: E402
+import copy
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from datasets.mvtec import MVTecAnomalyPairDataset  # noqa: E402
-from losses.dinov2_perceptual import DINOv2TargetCache  # noqa: E402
-from models.dual_lora import (  # noqa: E402
-    DUAL_CONFIG_NAME,
-    DualLoRAUNet,
+from datasets.mvtec import MVTecAnomalyPairDataset
+from losses.dinov2_perceptual import DINOv2TargetCache
+from models.dual_lora import DUAL_CONFIG_NAME, DualLoRAUNet
+from models.dual_lora_io import (
     add_text_encoder_lora,
     load_dual_weights,
     load_text_encoder_lora,
     read_dual_config,
     save_dual_weights,
 )
-from train.anomaly.args import parse, stage2_parser  # noqa: E402
-from train.anomaly.components import (  # noqa: E402
+from train.anomaly.args import parse, stage2_parser
+from train.anomaly.components import (
     LORA_WEIGHTS_NAME,
     encode_prompt,
     load_sd_components,
     read_stage1_lora,
     tokenize,
 )
-from train.anomaly.diffusion import (  # noqa: E402
+from train.anomaly.diffusion import (
     encode_images,
     noisy_and_target,
+    sample_noise,
     sample_pair_noise,
     sample_timesteps,
 )
-from train.anomaly.loop import make_optimizer, run_stage  # noqa: E402
-from train.core import (  # noqa: E402
+from train.anomaly.loop import make_optimizer, run_stage
+from train.anomaly.model_cards import write_stage2_card
+from train.core import (
     core_config_from_args,
     make_accelerator,
     make_lr_scheduler,
@@ -61,9 +66,9 @@ from train.core import (  # noqa: E402
     to_channels_last,
     weight_dtype_of,
 )
-from utils.checkpoint import checkpoint_step, find_latest_checkpoint  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from utils.checkpoint import checkpoint_step, find_latest_checkpoint
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("stage2-dual")
 
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         resize_mode=args.resize_mode,
         fg_background=args.fg_background,
         max_pixels=args.max_image_pixels,
+        min_size=args.min_image_size,
         mask_size_mismatch=args.mask_size_mismatch,
     )
     logger.info(
@@ -153,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         args.resize_mode,
         args.fg_background,
     )
+    if args.bcm:  # DualAnoDiff's background compensation: each pair also carries its image's background
+        from datasets.bcm_background import BackgroundPairDataset
+
+        dataset = BackgroundPairDataset(
+            dataset,
+            args.bcm_fg_mask_dir,
+            args.mvtec_name,
+            args.mvtec_anomaly_name,
+            args.resolution,
+            resize_mode=args.resize_mode,
+            max_pixels=args.max_image_pixels,
+        )
+        logger.info("background compensation: foreground masks from %s", args.bcm_fg_mask_dir)
     comps = load_sd_components(args.pretrained_model_name_or_path)
     unet, text_encoder, vae, noise_scheduler = (
         comps.unet,
@@ -178,13 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"error: checkpoint {stage2_ckpt} was trained with {key}={dual_cfg[key]!r}, "
                     f"this run asks for {flag!r}"
                 )
+        if bool(dual_cfg.get("background_compensation")) != args.bcm:
+            raise SystemExit(
+                f"error: checkpoint {stage2_ckpt} was trained {'without' if args.bcm else 'with'} --bcm; "
+                "pass the same --bcm setting to resume it"
+            )
         stage_start = int(dual_cfg.get("stage_start_step", 0))
         te_lora = bool(dual_cfg.get("text_encoder_lora"))
         if args.train_text_encoder and not te_lora:
             raise SystemExit(f"error: {stage2_ckpt} has no text-encoder LoRA; drop --train_text_encoder")
     else:
         te_lora = args.train_text_encoder
-    dual = DualLoRAUNet(
+    model_class = DualLoRAUNet
+    if args.bcm:
+        from models.bcm_reference_attention import BCMDualLoRAUNet as model_class
+    dual = model_class(
         unet,
         rank=args.rank,
         dual_mode=args.dual_mode,
@@ -243,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters())
     ]
     inter_params = list(dual.interactions.parameters())
+    bcm_params = list(dual.compensations.parameters()) if args.bcm else []
     te_params = (
         [p for n_, p in text_encoder.named_parameters() if "lora_" in n_] if args.train_text_encoder else []
     )
-    params = lora_params + inter_params + te_params
+    params = lora_params + inter_params + bcm_params + te_params
     for p in params:
         p.requires_grad_(True)
     prepare_model(dual, cfg)  # throughput options: --channels_last, --compile model
@@ -269,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         groups.append(
             {"params": inter_params, "lr": args.interaction_learning_rate or lr, "name": "interaction"}
         )
+    if bcm_params:  # the reference trains them with the LoRA's learning rate
+        groups.append({"params": bcm_params, "lr": lr, "name": "background_compensation"})
     if te_params:
         groups.append({"params": te_params, "lr": lr, "name": "text_encoder_lora"})
     optimizer = make_optimizer(groups, args)
@@ -291,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
         "stage1_checkpoint": str(stage1_ckpt) if stage1_ckpt else None,
     }
+    if args.bcm:  # generation defaults (eval/generate.py reads the good images' backgrounds from them)
+        extra.update(instance_data_dir=str(args.instance_data_dir), bcm_fg_mask_dir=str(args.bcm_fg_mask_dir))
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -338,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             e_b, e_f = fixed
         else:
             e_b, e_f = encode_prompt(text_encoder, ids_blend), encode_prompt(text_encoder, ids_fg)
-        pred_b, pred_f = dual_p(noisy_b, noisy_f, t, e_b.expand(b, -1, -1), e_f.expand(b, -1, -1))
+        bcm = {}
+        if args.bcm:  # the background, unscaled latents, noised to the pair's timestep (RefOnlyNoisedUNet)
+            from models.bcm_reference_attention import encode_condition, noised_condition
+
+            cond = encode_condition(vae, batch["condition_values"].to(device), gen)
+            bcm["condition"] = noised_condition(noise_scheduler, cond, sample_noise(cond, gen), t)
+        pred_b, pred_f = dual_p(noisy_b, noisy_f, t, e_b.expand(b, -1, -1), e_f.expand(b, -1, -1), **bcm)
         mse_b = F.mse_loss(pred_b.float(), tgt_b.float())
         mse_f = F.mse_loss(pred_f.float(), tgt_f.float())
         loss = 0.5 * (mse_b + mse_f)  # = MSE over the concatenated [blend; fg] batch
@@ -366,30 +404,51 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             extra=extra,
         )
-        from models.dual_lora import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
+        from models.dual_lora_io import export_branch_loras  # per-branch diffusers LoRA files (issue 11)
 
-        export_branch_loras(
+        branch_files = export_branch_loras(
             accelerator.unwrap_model(dual_p),
             accelerator.unwrap_model(text_encoder) if te_lora else None,
             args.output_dir,
         )
+        write_stage2_card(args, args.output_dir, [p.name for p in branch_files.values()])  # README.md
         logger.info("final dual weights in %s", args.output_dir)
 
     def validate(step):
         if not accelerator.is_main_process:
             return
+        import contextlib
+
         from train.anomaly.validation import validate_stage2
 
-        path = validate_stage2(
-            accelerator,
-            args,
-            accelerator.unwrap_model(dual_p),
-            accelerator.unwrap_model(text_encoder),
-            vae,
-            comps.tokenizer,
-            noise_scheduler,
-            step,
-        )
+        model = accelerator.unwrap_model(dual_p)
+        condition = contextlib.nullcontext()
+        if args.bcm:  # validation samples on the training images' backgrounds (generation: good images')
+            from models.bcm_reference_attention import background_condition_for_sampling
+
+            n = args.num_validation_images
+            pixels = (
+                torch.stack([dataset.backgrounds[i % len(dataset)] for i in range(n)]).float() / 127.5 - 1
+            )
+            source = background_condition_for_sampling(
+                vae,
+                noise_scheduler,
+                pixels,
+                [args.seed + i for i in range(n)],
+                args.validation_guidance_scale > 1,
+            )
+            condition = model.conditioned(source)
+        with condition:
+            path = validate_stage2(
+                accelerator,
+                args,
+                model,
+                accelerator.unwrap_model(text_encoder),
+                vae,
+                comps.tokenizer,
+                noise_scheduler,
+                step,
+            )
         logger.info("validation samples: %s", path)
 
     run_stage(

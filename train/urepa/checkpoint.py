@@ -50,7 +50,59 @@ def save_extra_state(model: Any, ema: Any, config: dict[str, Any], out_dir: str 
             lora = model.lora_state_dict_diffusers()
         (out_dir / EMA_LORA_DIR).mkdir(exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in lora.items()}, str(out_dir / EMA_LORA_DIR / LORA_FILE))
+        write_urepa_card(config, out_dir, ema=False)
+        write_urepa_card(config, out_dir / EMA_LORA_DIR, ema=True)
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def write_urepa_card(config: dict[str, Any], folder: str | os.PathLike, ema: bool) -> Path:
+    """README.md (Hugging Face model card, utils/model_card.py) next to a U-REPA LoRA file."""
+    from utils.model_card import lora_card, write_card
+
+    model, data, sampling = config.get("model", {}), config.get("data", {}), config.get("sampling", {})
+    lora = model.get("lora", {})
+    flags = {
+        f"{section}.{k}": v
+        for section in ("model", "loss", "optim", "train")
+        for k, v in (config.get(section) or {}).items()
+        if not isinstance(v, dict)
+    }
+    flags.update({f"model.lora.{k}": v for k, v in lora.items()})
+    card = lora_card(
+        base_model=str(model.get("pretrained", "stable-diffusion-v1-5")),
+        title="U-REPA LoRA on Stable Diffusion 1.5" + (" (EMA weights)" if ema else ""),
+        description=(
+            "LoRA of the SD-1.5 U-Net fine-tuned with U-REPA (diffusion loss + alignment of U-Net features with "
+            f"DINOv2 tokens at {', '.join(model.get('align_layers', []))}); the alignment heads are not part of "
+            "this file and are not needed for sampling. "
+            + (
+                "These are the EMA-averaged weights (what the sample grids use). "
+                if ema
+                else "These are the live (not averaged) weights. "
+            )
+            + "Trained with train_sd15.py of this repository."
+        ),
+        weight_names=[LORA_FILE],
+        prompts={"caption": "a photo of a goldfish"},
+        flags=flags,
+        data_split=(
+            f"Training captions/latents from `{data.get('csv')}` (latents `{data.get('latent_dir')}`, DINO tokens "
+            f"`{data.get('dino_dir')}`, text embeddings `{data.get('clip_embeddings')}`); prompt dropout "
+            f"{data.get('cfg_dropout')} for classifier-free guidance."
+        ),
+        sampling={
+            "num_inference_steps": sampling.get("num_steps", 25),
+            "guidance_scale": sampling.get("cfg_scale", 7.5),
+        },
+        extra_loading_note=(
+            f"The repository samples with `{sampling.get('sampler', 'dpmsolver++')}` and guidance only on the "
+            f"interval [{sampling.get('guidance_low', 0.0)}, {sampling.get('guidance_high', 0.7)}] of the noise "
+            "levels (docs/urepa.md); the stock pipeline applies guidance at every step. "
+            "The prompt above is an example; the LoRA was trained on the captions of its data set."
+        ),
+        tags=["u-repa", "representation-alignment"],
+    )
+    return write_card(card, folder)
 
 
 def load_trainable(model: Any, ckpt_dir: str | os.PathLike, use_ema: bool = True) -> None:

@@ -111,10 +111,16 @@ class TrainSection(ConfigSection):
     max_steps: PositiveInt = 60000
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     log_every: PositiveInt = 50
+    report_to: str = (
+        "tensorboard"  # trackers: tensorboard, wandb, comet_ml, mlflow, ..., all, none (comma list)
+    )
     checkpointing_steps: NonNegativeInt = 5000  # 0: only the last step
     checkpoints_total_limit: PositiveInt | None = 5
     resume_from_checkpoint: str | None = "latest"  # latest | a checkpoint dir | null
     overwrite_output_dir: bool = False  # true: start fresh in a dir holding a run (its checkpoints deleted)
+    allow_config_change: bool = (
+        False  # true: resume although lr/schedule/batch/LoRA settings changed (applied)
+    )
     max_consecutive_nonfinite: PositiveInt = 20  # non-finite steps are skipped; stop after this many in a row
     stop_at_step: PositiveInt | None = None
     sample_every: NonNegativeInt = 5000  # 0 disables sample grids

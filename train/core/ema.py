@@ -1,8 +1,8 @@
-"""Exponential moving average of the trained parameters (LoRA / whitelisted blocks + heads)."""
+"""Exponential moving average of trained parameters (train_sd15.py's LoRA + heads, DinoVQ's generator)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -16,19 +16,27 @@ class ParamEMA:
     ``state_dict``/``load_state_dict`` make it checkpointable with ``accelerator.register_for_checkpointing``.
     """
 
-    def __init__(self, module: nn.Module, decay: float = 0.9995) -> None:
+    def __init__(
+        self, module: nn.Module, decay: float = 0.9995, include: Callable[[str], bool] | None = None
+    ) -> None:
+        """``include(name)``: which ``requires_grad`` parameters to average (default: all of them), e.g. a
+        generator's without its discriminator."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.include = include
         self.num_updates = 0
         self.shadow = {n: p.detach().float().clone() for n, p in self._params(module)}
         if not self.shadow:
             raise ValueError("ParamEMA: the module has no trainable parameters")
         self._backup: dict[str, torch.Tensor] | None = None
 
-    @staticmethod
-    def _params(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
+    def _params(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        return (
+            (n, p)
+            for n, p in module.named_parameters()
+            if p.requires_grad and (self.include is None or self.include(n))
+        )
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
