@@ -352,6 +352,35 @@ class PerlinSegmentationDataset(Dataset):
         return {"image": image, "mask": mask}
 
 
+class MixedSegmentationDataset(Dataset):
+    """Generated pairs and Perlin anomalies together (``--source both``).
+
+    Item ``(index, seed)``: with probability ``generated_share`` the item of ``generated`` drawn with a seed
+    derived from ``seed``, else the item of ``perlin``; each keeps its own ``normal_ratio``, so the share of
+    normal items is theirs (0.5 by default) and the anomalous half is split ``generated_share`` : rest.
+    """
+
+    def __init__(
+        self,
+        generated: GeneratedSegmentationDataset,
+        perlin: PerlinSegmentationDataset,
+        generated_share: float = 0.5,
+    ):
+        if not 0.0 < generated_share < 1.0:
+            raise ValueError(f"generated_share must be in (0, 1), got {generated_share}")
+        self.generated, self.perlin, self.generated_share = generated, perlin, generated_share
+
+    def __len__(self) -> int:
+        return len(self.generated) + len(self.perlin)
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, seed = _split_key(key)
+        rng = np.random.default_rng([seed, 7])  # the coin; the chosen dataset gets its own stream
+        inner_seed = int(rng.integers(2**62))
+        source = self.generated if rng.random() < self.generated_share else self.perlin
+        return source[(index, inner_seed)]
+
+
 class GeneratedClassificationDataset(Dataset):
     """Generated anomalous images labelled by defect type (index into ``defects``, sorted).
 

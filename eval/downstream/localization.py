@@ -35,6 +35,7 @@ from eval.downstream.au_pro import AU_PRO_RULES
 from eval.downstream.data import (
     DEFAULT_SPLIT_RULE,
     GeneratedSegmentationDataset,
+    MixedSegmentationDataset,
     PerlinSegmentationDataset,
     TestItem,
     find_generated_pairs,
@@ -65,7 +66,7 @@ from utils.cli import run_cli
 from utils.logging import get_logger
 
 logger = get_logger("downstream.localization")
-SOURCES = ("generated", "perlin")
+SOURCES = ("generated", "perlin", "both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         choices=SOURCES,
         default="generated",
-        help="Anomalous training samples: generated pairs, or DRAEM-style Perlin-noise anomalies (baseline).",
+        help="Anomalous training samples: generated pairs, DRAEM-style Perlin-noise anomalies (baseline), or "
+        "both (each anomalous item is a generated pair or a Perlin anomaly with probability 1/2).",
     )
     g.add_argument(
         "--generated_root",
@@ -350,17 +352,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = held_out_test_set(args.mvtec_root, args.class_name, defects, args.split_rule)
     test_set = load_test_set(items, args.resolution)  # decoded now: a bad file fails before training
     good = good_images(args.mvtec_root, args.class_name)
+    train_counts: dict[str, int] = {"good": len(good)}
     set_manifests = {}
-    if args.source == "generated":
+    if args.source in ("generated", "both"):
         pairs = find_generated_pairs(args.generated_root, args.class_name, defects)
         sets = {d: Path(args.generated_root) / args.class_name / d for d in defects}
         set_manifests = check_sets(sets, args.allow_mixed_weights)
-        dataset = GeneratedSegmentationDataset(good, pairs, args.resolution, args.normal_ratio)
-        train_counts = {"good": len(good), **{d: len(p.images) for d, p in pairs.items()}}
-    else:
+        generated = GeneratedSegmentationDataset(good, pairs, args.resolution, args.normal_ratio)
+        train_counts.update({d: len(p.images) for d, p in pairs.items()})
+    if args.source in ("perlin", "both"):
         textures = texture_images(args.texture_dir) if args.texture_dir else good
-        dataset = PerlinSegmentationDataset(good, textures, args.resolution, args.normal_ratio)
-        train_counts = {"good": len(good), "textures": len(textures)}
+        perlin = PerlinSegmentationDataset(good, textures, args.resolution, args.normal_ratio)
+        train_counts["textures"] = len(textures)
+    if args.source == "both":
+        dataset = MixedSegmentationDataset(generated, perlin)
+    else:
+        dataset = generated if args.source == "generated" else perlin
     logger.info("training images: %s; test images: %d", train_counts, len(items))
 
     cfg = core_config_from_args(args, f"downstream-localization-{args.source}")

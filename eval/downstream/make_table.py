@@ -31,7 +31,11 @@ LOCALIZATION_HEADERS = (
     "pixel F1-max",
     "AU-PRO",
 )
-METHOD_NAMES = {"generated": "generated pairs", "perlin": "Perlin baseline (DRAEM-style)"}
+METHOD_NAMES = {
+    "generated": "generated pairs",
+    "perlin": "Perlin baseline (DRAEM-style)",
+    "both": "generated pairs + Perlin",
+}
 
 
 def _pct(x: float) -> str:

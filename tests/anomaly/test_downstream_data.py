@@ -15,6 +15,7 @@ from eval.downstream.data import (
     DownstreamDataError,
     GeneratedClassificationDataset,
     GeneratedSegmentationDataset,
+    MixedSegmentationDataset,
     PerlinSegmentationDataset,
     find_generated_pairs,
     held_out_images,
@@ -140,3 +141,27 @@ def test_training_items_depend_only_on_their_seed(mvtec, generated):
     assert [cls[(i, 0)]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
     with pytest.raises(TypeError, match="StepSampler"):
         seg[0]
+
+
+def test_mixed_source_draws_both_kinds_by_seed(mvtec, generated):
+    """--source both: every item is exactly the generated or the Perlin dataset's item for a derived seed, the
+    choice depends only on the item seed, and both sources occur (share 1/2)."""
+    good = good_images(mvtec, "hazelnut")
+    pairs = find_generated_pairs(generated, "hazelnut", ["crack", "hole"])
+    seg = GeneratedSegmentationDataset(good, pairs, 64, normal_ratio=0.0)
+    perlin = PerlinSegmentationDataset(good, good, 64, normal_ratio=0.0)
+    mixed = MixedSegmentationDataset(seg, perlin)
+    assert len(mixed) == len(seg) + len(perlin)
+    sources = []
+    for seed in range(40):
+        item = mixed[(0, seed)]
+        assert torch.equal(item["image"], mixed[(3, seed)]["image"])  # the seed decides, not the index
+        rng = np.random.default_rng([seed, 7])
+        inner = int(rng.integers(2**62))
+        expected_source = "generated" if rng.random() < 0.5 else "perlin"
+        expected = (seg if expected_source == "generated" else perlin)[(0, inner)]
+        assert torch.equal(item["image"], expected["image"]) and torch.equal(item["mask"], expected["mask"])
+        sources.append(expected_source)
+    assert 10 < sources.count("generated") < 30
+    with pytest.raises(ValueError, match="generated_share"):
+        MixedSegmentationDataset(seg, perlin, generated_share=1.0)
