@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def evaluate_standins(paths: dict[str, Path], seed: int = 0, per_class: int = 8) -> dict:
+def evaluate_standins(paths: dict[str, Path], seed: int = 0, per_class: int = 8, steps: int = 25) -> dict:
     """Class accuracy of the saved pipeline's digit samples (loaded back with from_pretrained, DDIM 25 steps,
     CFG 1 and 3, x0 never clipped as for every latent model here) and the sample / reconstruction figures."""
     from diffusers import StableDiffusionPipeline
@@ -28,12 +28,12 @@ def evaluate_standins(paths: dict[str, Path], seed: int = 0, per_class: int = 8)
     classifier = DigitClassifier.from_pretrained(paths["classifier"])
     prompts = [digit_prompt(d) for d in range(10) for _ in range(per_class)]
     target = torch.arange(10).repeat_interleave(per_class)
-    result: dict = {"samples_per_class": per_class, "sampler": "ddim 25 steps"}
+    result: dict = {"samples_per_class": per_class, "sampler": f"ddim {steps} steps"}
     for guidance in (1.0, 3.0):
         images = (
             pipe(
                 prompts,
-                num_inference_steps=25,
+                num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=torch.Generator().manual_seed(seed),
                 output_type="pt",
@@ -50,7 +50,7 @@ def evaluate_standins(paths: dict[str, Path], seed: int = 0, per_class: int = 8)
         ncols=per_class,
         row_labels=[str(d) for d in range(10)],
         title="Stand-in SD-1.5 samples, one row per digit prompt",
-        note=f"DDIM 25 steps, CFG 3; digit-classifier accuracy {accuracy:.2f}",
+        note=f"DDIM {steps} steps, CFG 3; digit-classifier accuracy {accuracy:.2f}",
     )
     vae = pipe.vae
     digits, _ = load_digit_arrays("test")

@@ -81,6 +81,8 @@ class BuildOptions:
     sd_lr: float = 1e-3
     sd_uncond_prob: float = 0.1
     threads: int = 2
+    eval_per_class: int = 8  # evaluation only (not fingerprinted): samples per digit prompt
+    eval_steps: int = 25  # evaluation only: DDIM steps
 
 
 QUICK = BuildOptions(
@@ -91,6 +93,8 @@ QUICK = BuildOptions(
     vit_steps=3,
     classifier_steps=3,
     sd_steps=3,
+    eval_per_class=1,
+    eval_steps=2,
 )
 
 
@@ -110,7 +114,8 @@ def asset_paths(root: str | os.PathLike) -> dict[str, Path]:
 
 
 def fingerprint(options: BuildOptions) -> str:
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
+    trained = {k: v for k, v in dataclasses.asdict(options).items() if not k.startswith("eval_")}
+    digest = hashlib.sha256(json.dumps(trained, sort_keys=True).encode())
     for rel in SOURCES:
         path = REPO_ROOT / rel
         digest.update(rel.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>"))
@@ -223,12 +228,11 @@ def build(out: Path, options: BuildOptions) -> dict:
     from preprocessing.standin_eval import evaluate_standins
 
     t0 = time.perf_counter()
-    figures["sd15"]["unet"].update(evaluate_standins(paths, seed=options.seed))
-    timings["evaluation"] = round(time.perf_counter() - t0, 1)
-    from preprocessing.standin_eval import evaluate_standins
-
-    t0 = time.perf_counter()
-    figures["sd15"]["unet"].update(evaluate_standins(paths, seed=options.seed))
+    figures["sd15"]["unet"].update(
+        evaluate_standins(
+            paths, seed=options.seed, per_class=options.eval_per_class, steps=options.eval_steps
+        )
+    )
     timings["evaluation"] = round(time.perf_counter() - t0, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -420,7 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         from preprocessing.standin_eval import evaluate_standins
 
         stamp = read_stamp(args.out)
-        stamp["figures"]["sd15"]["unet"].update(evaluate_standins(asset_paths(args.out), seed=options.seed))
+        stamp["figures"]["sd15"]["unet"].update(
+            evaluate_standins(
+                asset_paths(args.out),
+                seed=options.seed,
+                per_class=options.eval_per_class,
+                steps=options.eval_steps,
+            )
+        )
         (Path(args.out) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
         print(json.dumps(stamp["figures"]["sd15"]["unet"], indent=1))
         return 0
@@ -432,7 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         from preprocessing.standin_eval import evaluate_standins
 
         stamp = read_stamp(args.out)
-        stamp["figures"]["sd15"]["unet"].update(evaluate_standins(asset_paths(args.out), seed=options.seed))
+        stamp["figures"]["sd15"]["unet"].update(
+            evaluate_standins(
+                asset_paths(args.out),
+                seed=options.seed,
+                per_class=options.eval_per_class,
+                steps=options.eval_steps,
+            )
+        )
         (Path(args.out) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
         print(json.dumps(stamp["figures"]["sd15"]["unet"], indent=1))
         return 0
