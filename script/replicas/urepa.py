@@ -85,7 +85,7 @@ class Settings:
     lr: float | None = None  # None: the config's optim.lr
     finetune: str = "lora"  # model.finetune
     # loss.prediction. The paper switches SD-1.5 to v; the stand-in is an eps model, and a 40-step probe of the
-    # v switch with the LoRA whitelist barely moved the held-out v loss (1.1260 -> 1.1254, docs/replicas_urepa.md)
+    # v switch with the LoRA whitelist barely moved the held-out v loss (1.1260 -> 1.1254, docs/replicas.md, U-REPA)
     prediction: str = "epsilon"
     samples_per_class: int = 10  # Frechet distance / accuracy: 100 samples vs the 300 held-out digits
     sample_steps: int = 10  # DPM-Solver++ (evaluate_sd15.py's default sampler; 25 steps there)

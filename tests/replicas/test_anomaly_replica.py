@@ -3,7 +3,7 @@ and the downstream localization U-Net, run through the repo's entry points on th
 few steps each, must learn - a silent bug (a LoRA that never reaches the sampler, a loss that never reaches
 the optimizer) fails here.
 
-Margins (stated in docs/replicas_anomaly.md): the stage-1 LoRA lowers the U-Net's denoising loss on its
+Margins (stated in docs/replicas.md, anomaly): the stage-1 LoRA lowers the U-Net's denoising loss on its
 training images (fixed noise and timesteps) below the base model's; the stage-1 LoRA changes the sampled
 images (same seeds) by more than 0.1 grey level on average (a LoRA that never reaches the sampler: 0); every localization U-Net's focal loss falls by at
 least 2x; the Perlin-trained U-Net's pixel AUROC on Perlin anomalies pasted into the held-out test/good

@@ -2,7 +2,7 @@
 digits for a few dozen steps from the random tiny assets, must learn - a silent training bug (a loss that never
 reaches the optimizer, a decoder that is never evaluated, an untrained checkpoint) fails here.
 
-Margins (stated in docs/replicas_dinovq.md): the pixel reconstruction loss falls by at least 2x between the first
+Margins (stated in docs/replicas.md, DinoVQ): the pixel reconstruction loss falls by at least 2x between the first
 and the last logged step of every run; the held-out PSNR of every trained tokenizer beats the untrained one (same
 seed) by at least 3 dB; with the DINO term, its loss falls by at least 10 %.
 """
