@@ -12,6 +12,9 @@ models/mask_extraction.py):
     python eval/generate.py stage2 --pretrained_model_name_or_path models/stable-diffusion-v1-5 \
         --weights_dir all_generate/hazelnut/stage2-hole-dual --mvtec_name hazelnut --mvtec_anomaly_name hole
 
+Flags of both stages include ``--output_root`` (default generate_data), ``--num_images``, ``--num_inference_steps``,
+``--guidance_scale``, ``--scheduler``, ``--seed`` and ``--batch_size``; ``stage1 --help`` / ``stage2 --help`` list all.
+
 Presets (explicit flags override them): ``--preset fast`` (default: DDIM, 50 steps, guidance 2.5) and
 ``--preset official`` (DualAnoDiff's inference: PNDM, 100 steps, guidance 2.5, prompts "a vfx with sks" /
 "sks", unconditional prompt ""); script/inference/*.sh use ``official``. ``--preset official_bcm``: its
