@@ -25,28 +25,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import csv
+import json
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-from eval.fid import feature_stats, frechet_distance, to_uint8_range  # noqa: E402
-from models.dinovq import DinoVQModel  # noqa: E402
-from train.dinovq.data import resize_crop  # noqa: E402
-from train.dinovq.evaluate import codebook_stats, psnr, ssim  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import UserError, run_cli  # noqa: E402
-from utils.images import IMAGE_EXTENSIONS, UnreadableImageError, pil_to_tensor, read_image, to_pil  # noqa: E402
-from utils.logging import get_logger, progress  # noqa: E402
+from eval.fid import feature_stats, frechet_distance, to_uint8_range
+from models.dinovq import DinoVQModel
+from train.dinovq.data import resize_crop
+from train.dinovq.evaluate import codebook_stats, psnr, ssim
+from utils.checkpoint import atomic_write
+from utils.cli import UserError, run_cli
+from utils.images import IMAGE_EXTENSIONS, UnreadableImageError, pil_to_tensor, read_image, to_pil
+from utils.logging import get_logger, progress
 
 logger = get_logger("evaluate_dinovq")
 IMAGENET_VAL_SIZE = 50_000

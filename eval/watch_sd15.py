@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import argparse
+import shlex
+import subprocess
+import time
 
-from utils.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
-from utils.cli import UserError, run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from utils.checkpoint import checkpoint_step, list_checkpoints
+from utils.cli import UserError, run_cli
+from utils.logging import get_logger
 
 logger = get_logger("watch_sd15")
 REPO = Path(__file__).resolve().parents[1]

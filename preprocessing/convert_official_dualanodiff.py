@@ -36,15 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from utils.cli import UserError, run_cli  # noqa: E402
+from utils.cli import UserError, run_cli
 
 OFFICIAL_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 # official interaction names (temporal_<x>) -> ours (models.dual_lora.BranchInteraction)

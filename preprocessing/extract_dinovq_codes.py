@@ -23,18 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import hashlib
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from datasets.dinovq_codes import KIND, VIEWS  # noqa: E402
-from models.dinovq import WEIGHTS_FILE, DinoVQModel  # noqa: E402
-from preprocessing.cache_jobs import MODEL_DTYPES, CacheEncoder, TargetStats, add_job_args, run_cli_job  # noqa: E402
-from train.dinovq.data import resize_crop  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.images import pil_to_tensor  # noqa: E402
+from datasets.dinovq_codes import KIND, VIEWS
+from models.dinovq import WEIGHTS_FILE, DinoVQModel
+from preprocessing.cache_jobs import MODEL_DTYPES, CacheEncoder, TargetStats, add_job_args, run_cli_job
+from train.dinovq.data import resize_crop
+from utils.cli import run_cli
+from utils.images import pil_to_tensor
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:

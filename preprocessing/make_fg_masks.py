@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import run_cli
 
 METHODS = ("border", "empty")
 

@@ -32,22 +32,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import csv
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from eval.downstream.au_pro import AU_PRO_RULES  # noqa: E402
-from eval.downstream.data import TestItem, load_test_set  # noqa: E402
-from eval.downstream.metrics import AU_PRO_LIMIT, IMAGE_SCORE_KERNEL, localization_metrics  # noqa: E402
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.cli import UserError, run_cli  # noqa: E402
+from eval.downstream.au_pro import AU_PRO_RULES
+from eval.downstream.data import TestItem, load_test_set
+from eval.downstream.metrics import AU_PRO_LIMIT, IMAGE_SCORE_KERNEL, localization_metrics
+from utils.checkpoint import atomic_write
+from utils.cli import UserError, run_cli
 
 MAPS_DIR = "anomaly_maps"
 INDEX_NAME = "index.csv"

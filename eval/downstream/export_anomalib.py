@@ -35,17 +35,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import os
+import shutil
+from typing import Any
 
-from datasets.mvtec import good_images  # noqa: E402
-from eval.downstream.data import DownstreamDataError, find_generated_pairs, resolve_defects  # noqa: E402
-from eval.manifest import check_sets, write_manifest  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from datasets.mvtec import good_images
+from eval.downstream.data import DownstreamDataError, find_generated_pairs, resolve_defects
+from eval.manifest import check_sets, write_manifest
+from utils.cli import run_cli
+from utils.logging import get_logger
 
 logger = get_logger("downstream.export_anomalib")
 FOLDER_ARGS_NAME = "anomalib_folder.json"

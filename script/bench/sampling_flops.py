@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 
-import torch  # noqa: E402
+import torch
 
 # stable-diffusion-v1-5 scheduler/scheduler_config.json (the keys that set the timesteps)
 SD15_SCHEDULER = dict(

@@ -44,15 +44,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import shutil
+import time
+from dataclasses import dataclass, replace
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from script.replicas.summary import (  # noqa: E402
+from script.replicas.summary import (
     REPO_ROOT,
     fmt_mean_std,
     load_main,
@@ -63,7 +63,7 @@ from script.replicas.summary import (  # noqa: E402
     write_csv,
     write_json,
 )
-from utils.cli import UserError, run_cli  # noqa: E402
+from utils.cli import UserError, run_cli
 
 CLASS, DEFECT = "hazelnut", "hole"
 CONDITIONS = ("dino", "no_dino")

@@ -35,12 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any
 
-from script.replicas.summary import (  # noqa: E402
+from script.replicas.summary import (
     REPO_ROOT,
     fmt_mean_std,
     load_main,
@@ -51,7 +51,7 @@ from script.replicas.summary import (  # noqa: E402
     write_csv,
     write_json,
 )
-from utils.cli import UserError, run_cli  # noqa: E402
+from utils.cli import UserError, run_cli
 
 CONFIG = REPO_ROOT / "configs" / "dinovq_replica_digits.yaml"
 CONDITIONS: dict[str, list[str]] = {

@@ -34,21 +34,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from utils.cli import UserError, run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from script.replicas.summary import resolve_replica_assets
+from utils.cli import UserError, run_cli
+from utils.logging import get_logger
 
 logger = get_logger("replica_global_perc")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -116,42 +117,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.settings = s
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     return args
-
-
-def resolve_assets(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from preprocessing.trained_assets import STAMP_NAME, asset_paths
-
-    if args.assets is None and args.quick:
-        from preprocessing.digits import write_digits
-        from preprocessing.make_tiny_assets import ensure_tiny_assets
-
-        tiny = ensure_tiny_assets(REPO_ROOT / ".cache" / "tiny")
-        digits = work / "digits"
-        if not (digits / "test").is_dir():
-            write_digits(digits)
-        return {
-            "digits": digits,
-            "sd15": Path(tiny["sd15"]),
-            "dinov2_official": Path(tiny["dinov2_official"]),
-            "classifier": None,
-            "kind": "random tiny assets (preprocessing/make_tiny_assets.py)",
-        }
-    root = Path(args.assets or REPO_ROOT / ".cache" / "trained")
-    if not (root / STAMP_NAME).is_file():
-        raise UserError(
-            f"--assets {root}: no {STAMP_NAME} in it (not a finished trained-asset tree); build it with "
-            f"python preprocessing/trained_assets.py --out {root}"
-        )
-    paths = asset_paths(root)
-    stamp = json.loads((root / STAMP_NAME).read_text())
-    quick_build = stamp.get("options", {}).get("sd_steps", 0) < 100
-    return {
-        "digits": paths["digits"],
-        "sd15": paths["sd15"],
-        "dinov2_official": paths["dinov2_official"],
-        "classifier": paths["classifier"],
-        "kind": f"trained assets {root} ({'QUICK build, untrained' if quick_build else 'full build'})",
-    }
 
 
 def load_split(digits: Path, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    assets = resolve_assets(args, work)
+    assets = resolve_replica_assets(args.assets, args.quick, work)
     logger.info(f"assets: {assets['kind']}")
     train_x, _ = load_split(assets["digits"], "train", s.train_limit)
     test = load_split(assets["digits"], "test", s.test_limit)

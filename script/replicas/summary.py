@@ -94,3 +94,45 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def resolve_replica_assets(assets: str | os.PathLike | None, quick: bool, work: Path) -> dict[str, Any]:
+    """Paths of the models and digits: a trained-asset tree, or (quick, no --assets) the random tiny assets and
+    the digits written under ``work``."""
+    import json
+
+    from preprocessing.trained_assets import STAMP_NAME, asset_paths
+    from utils.cli import UserError
+
+    repo = Path(__file__).resolve().parents[2]
+    if assets is None and quick:
+        from preprocessing.digits import write_digits
+        from preprocessing.make_tiny_assets import ensure_tiny_assets
+
+        tiny = ensure_tiny_assets(repo / ".cache" / "tiny")
+        digits = Path(work) / "digits"
+        if not (digits / "test").is_dir():
+            write_digits(digits)
+        return {
+            "digits": digits,
+            "sd15": Path(tiny["sd15"]),
+            "dinov2_official": Path(tiny["dinov2_official"]),
+            "classifier": None,
+            "kind": "random tiny assets (preprocessing/make_tiny_assets.py)",
+        }
+    root = Path(assets or repo / ".cache" / "trained")
+    if not (root / STAMP_NAME).is_file():
+        raise UserError(
+            f"--assets {root}: no {STAMP_NAME} in it (not a finished trained-asset tree); build it with "
+            f"python preprocessing/trained_assets.py --out {root}"
+        )
+    paths = asset_paths(root)
+    stamp = json.loads((root / STAMP_NAME).read_text())
+    quick_build = stamp.get("options", {}).get("sd_steps", 0) < 100
+    return {
+        "digits": paths["digits"],
+        "sd15": paths["sd15"],
+        "dinov2_official": paths["dinov2_official"],
+        "classifier": paths["classifier"],
+        "kind": f"trained assets {root} ({'QUICK build, untrained' if quick_build else 'full build'})",
+    }

@@ -39,20 +39,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from utils.cli import UserError, run_cli  # noqa: E402
-from utils.logging import get_logger  # noqa: E402
+from script.replicas.summary import resolve_replica_assets
+from utils.cli import UserError, run_cli
+from utils.logging import get_logger
 
 logger = get_logger("replica_urepa")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -171,41 +172,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ assets, data
-def resolve_assets(args: argparse.Namespace) -> dict[str, Path]:
-    """Paths of the models and digits: a trained-asset tree, or (quick) the random tiny assets + fresh digits."""
-    from preprocessing.trained_assets import STAMP_NAME, asset_paths
-
-    if args.assets is None and args.quick:
-        from preprocessing.digits import write_digits
-        from preprocessing.make_tiny_assets import ensure_tiny_assets
-
-        tiny = ensure_tiny_assets(REPO_ROOT / ".cache" / "tiny")
-        digits = Path(args.work) / "digits"
-        if not (digits / "test").is_dir():
-            write_digits(digits)
-        return {
-            "digits": digits,
-            "sd15": Path(tiny["sd15"]),
-            "dinov2_official": Path(tiny["dinov2_official"]),
-            "classifier": None,
-            "kind": "random tiny assets (preprocessing/make_tiny_assets.py)",
-        }
-    root = Path(args.assets or REPO_ROOT / ".cache" / "trained")
-    if not (root / STAMP_NAME).is_file():
-        raise UserError(
-            f"--assets {root}: no {STAMP_NAME} in it (not a finished trained-asset tree); build it with "
-            f"python preprocessing/trained_assets.py --out {root}"
-        )
-    paths = asset_paths(root)
-    stamp = json.loads((root / STAMP_NAME).read_text())
-    quick_build = stamp.get("options", {}).get("sd_steps", 0) < 100
-    return {
-        "digits": paths["digits"],
-        "sd15": paths["sd15"],
-        "dinov2_official": paths["dinov2_official"],
-        "classifier": paths["classifier"],
-        "kind": f"trained assets {root} ({'QUICK build, untrained' if quick_build else 'full build'})",
-    }
 
 
 def digit_rows(digits: Path, split: str, limit: int | None) -> list[dict[str, Any]]:
@@ -616,7 +582,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.work = str(work)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    assets = resolve_assets(args)
+    assets = resolve_replica_assets(args.assets, args.quick, Path(args.work))
     logger.info(f"assets: {assets['kind']}")
     data = prepare_data(assets, work, s)
     seconds = {"data": round(time.perf_counter() - start, 1), "train": 0.0, "eval": 0.0}

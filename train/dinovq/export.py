@@ -17,18 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import os
+import shutil
+from typing import Any
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-from models.dinovq import CONFIG_FILE, TRAINING_ONLY_PREFIX, WEIGHTS_FILE, DinoVQModel  # noqa: E402
-from utils.checkpoint import checkpoint_step  # noqa: E402
-from utils.cli import UserError, run_cli  # noqa: E402
+from models.dinovq import CONFIG_FILE, TRAINING_ONLY_PREFIX, WEIGHTS_FILE, DinoVQModel
+from utils.checkpoint import checkpoint_step
+from utils.cli import UserError, run_cli
 
 RUN_CONFIG = "config.yaml"
 CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state name for the (only) prepared model
