@@ -435,25 +435,6 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
         print(json.dumps(stamp["figures"]["sd15"]["unet"], indent=1))
         return 0
-    if args.reevaluate:
-        if not is_complete(args.out, options):
-            parser.exit(
-                2, f"error: {args.out} holds no up-to-date trained tree; build it first (no --reevaluate)\n"
-            )
-        from preprocessing.standin_eval import evaluate_standins
-
-        stamp = read_stamp(args.out)
-        stamp["figures"]["sd15"]["unet"].update(
-            evaluate_standins(
-                asset_paths(args.out),
-                seed=options.seed,
-                per_class=options.eval_per_class,
-                steps=options.eval_steps,
-            )
-        )
-        (Path(args.out) / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
-        print(json.dumps(stamp["figures"]["sd15"]["unet"], indent=1))
-        return 0
     was_complete = not args.force and is_complete(args.out, options)
     paths = ensure_trained_assets(args.out, options, force=args.force)
     stamp = read_stamp(paths["root"])
