@@ -5,8 +5,11 @@ Forward hooks capture the output of the last ResNet of three 8x8 (at 512 px) sta
 upsamples to the DINO patch grid afterwards (the paper's ablation favours projecting before upsampling),
 giving L2-normalised tokens that the loss compares with cached DINOv2 patch tokens.
 
-LoRA is restricted to a whitelist of the blocks around the aligned layers (``mid_block``, ``down_blocks.3``,
-``up_blocks.0``), so alignment and the diffusion loss are learnt by the same few modules.
+LoRA is restricted to a whitelist of the blocks around the aligned layers, the U-Net's lowest-resolution
+stage: ``mid_block``, the last down block and the first up block (``down_blocks.3`` / ``up_blocks.0`` on SD-1.5's
+four levels), so alignment and the diffusion loss are learnt by the same few modules. The last down block is
+found from the U-Net (``down_blocks[-1]``), so a U-Net with SD-1.5's block types but fewer levels gets the same
+stage, not a prefix that matches nothing.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 # Layer name -> (attribute path of the block, index of the block or None); the hooked module is that block's
-# resnets[-1]. On SD-1.5 at 512 px all three run at 8x8 with 1280 channels.
+# resnets[-1]. On SD-1.5 at 512 px all three run at 8x8 with 1280 channels. enc_last is the last down block
+# (index -1: down_blocks.3 on SD-1.5's four levels).
 ALIGN_LAYERS: dict[str, tuple[str, int | None]] = {
-    "enc_last": ("down_blocks", 3),
+    "enc_last": ("down_blocks", -1),
     "mid": ("mid_block", None),
     "dec_first": ("up_blocks", 0),
 }
 
+# SD-1.5's whitelist, as lora_whitelist_prefixes() derives it for a four-level U-Net.
 LORA_WHITELIST_PREFIXES: tuple[str, ...] = ("mid_block.", "down_blocks.3.", "up_blocks.0.")
 LORA_ATTENTION_SUFFIXES: tuple[str, ...] = (".to_q", ".to_k", ".to_v", ".to_out.0")
 LORA_CONV_SUFFIXES: tuple[str, ...] = (".conv1", ".conv2")
@@ -106,7 +111,7 @@ def align_module(unet: nn.Module, layer: str) -> nn.Module:
     attr, idx = ALIGN_LAYERS[layer]
     block = getattr(unet, attr)
     if idx is not None:
-        if len(block) <= idx:
+        if not -len(block) <= idx < len(block):
             raise ValueError(f"align layer {layer!r}: the U-Net has only {len(block)} {attr}")
         block = block[idx]
     resnets = getattr(block, "resnets", None)
@@ -115,9 +120,18 @@ def align_module(unet: nn.Module, layer: str) -> nn.Module:
     return resnets[-1]
 
 
-def align_module_name(layer: str) -> str:
+def align_module_name(layer: str, unet: nn.Module | None = None) -> str:
+    """Module path of the hooked ResNet; with ``unet`` the last down block gets its real index."""
     attr, idx = ALIGN_LAYERS[layer]
+    if idx is not None and idx < 0 and unet is not None:
+        idx += len(getattr(unet, attr))
     return f"{attr}.{idx}.resnets.-1" if idx is not None else f"{attr}.resnets.-1"
+
+
+def lora_whitelist_prefixes(unet: nn.Module) -> tuple[str, ...]:
+    """The U-REPA LoRA whitelist of ``unet``: its mid block, last down block and first up block (the stage the
+    aligned layers live in). SD-1.5 (four levels): ``LORA_WHITELIST_PREFIXES``."""
+    return ("mid_block.", f"down_blocks.{len(unet.down_blocks) - 1}.", "up_blocks.0.")
 
 
 def align_channels(unet: nn.Module, layer: str) -> int:
@@ -128,9 +142,11 @@ def align_channels(unet: nn.Module, layer: str) -> int:
 def find_lora_targets(
     unet: nn.Module,
     attention_only: bool = False,
-    prefixes: Sequence[str] = LORA_WHITELIST_PREFIXES,
+    prefixes: Sequence[str] | None = None,
 ) -> list[str]:
-    """Full names of the Linear/Conv2d modules that get LoRA: name suffix in the list, name under a prefix."""
+    """Full names of the Linear/Conv2d modules that get LoRA: name suffix in the list, name under a prefix
+    (default: :func:`lora_whitelist_prefixes` of ``unet``)."""
+    prefixes = lora_whitelist_prefixes(unet) if prefixes is None else prefixes
     suffixes = LORA_ATTENTION_SUFFIXES + (() if attention_only else LORA_CONV_SUFFIXES)
     targets = []
     for name, module in unet.named_modules():
@@ -141,7 +157,8 @@ def find_lora_targets(
     return targets
 
 
-def whitelisted_parameters(unet: nn.Module, prefixes: Sequence[str] = LORA_WHITELIST_PREFIXES):
+def whitelisted_parameters(unet: nn.Module, prefixes: Sequence[str] | None = None):
+    prefixes = lora_whitelist_prefixes(unet) if prefixes is None else prefixes
     return [(n, p) for n, p in unet.named_parameters() if n.startswith(tuple(prefixes))]
 
 

@@ -76,18 +76,42 @@ ARMS = (
 )
 
 
+# The replica's base U-Net: SD-1.5's block types (cross-attention down blocks, a plain last down block, the
+# cross-attention mid block, a plain first up block, cross-attention up blocks), SD-1.5's layers per block, but
+# two levels instead of four. On the 8x8 latents of the 64 px stand-ins SD-1.5's four levels leave the aligned
+# stage (down_blocks[-1], mid, up_blocks[0]) at 1x1; two levels keep it at 4x4, the stand-in DINO's token grid
+# (as SD-1.5's 8x8 stage of a 64x64 latent is a spatial grid aligned to DINOv2's 16x16 tokens).
+REPLICA_UNET: dict[str, Any] = {
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 64),  # the stand-in's first and last widths (32, 32, 64, 64)
+    "layers_per_block": 2,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+BASE_VERSION = 1  # bump when the base pretraining below changes (part of the base's cache key)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Run lengths and evaluation sizes (fixed before any comparison was looked at)."""
+    """Run lengths and evaluation sizes (fixed before any arm comparison was looked at; docs/replicas.md)."""
 
-    steps: int = 30
-    eval_every: int = 15
+    steps: int = 200
+    eval_every: int = 40
     batch_size: int = 64
     lr: float | None = None  # None: the config's optim.lr
     finetune: str = "lora"  # model.finetune
-    # loss.prediction. The paper switches SD-1.5 to v; the stand-in is an eps model, and a 40-step probe of the
-    # v switch with the LoRA whitelist barely moved the held-out v loss (1.1260 -> 1.1254, docs/replicas.md, U-REPA)
+    # loss.prediction. The paper switches SD-1.5 to v; the base here is an eps model (docs/replicas.md, U-REPA)
     prediction: str = "epsilon"
+    # The base: the two-level U-Net pretrained from scratch by the stand-in's own loop
+    # (preprocessing/standin_training.train_text_to_image: SD's eps objective, 10 % prompt dropout, AdamW,
+    # warmup + cosine) on the training digits' cached latents, the stand-in's text encoder frozen. Short on
+    # purpose: a weak but non-random digit model that the fine-tune can improve within its steps.
+    base_steps: int = 150
+    base_batch: int = 64
+    base_lr: float = 1e-3  # the stand-in U-Net's pretraining lr (preprocessing/trained_assets.py)
+    base_seed: int = 0
     samples_per_class: int = 10  # Frechet distance / accuracy: 100 samples vs the 300 held-out digits
     sample_steps: int = 10  # DPM-Solver++ (evaluate_sd15.py's default sampler; 25 steps there)
     cfg_scale: float = 3.0  # the stand-in's own evaluation (preprocessing/trained_assets.py) uses CFG 3
@@ -103,7 +127,9 @@ QUICK = Settings(
     steps=20,
     eval_every=20,
     batch_size=16,
-    lr=1e-2,  # random tiny U-Net, 20 steps: a visible change of the held-out losses within the CI budget
+    lr=1e-2,
+    base_steps=30,
+    base_batch=16,
     samples_per_class=0,
     align_images=40,
     cknna_topk=5,
@@ -273,6 +299,119 @@ def prepare_data(assets: dict[str, Any], work: Path, s: Settings) -> dict[str, P
     return out
 
 
+# ------------------------------------------------------------------------------------------------ the base
+BASE_STAMP = "REPLICA_BASE.json"
+
+
+def build_replica_unet(sample_size: int, cross_attention_dim: int, seed: int):
+    """The randomly initialised two-level U-Net of REPLICA_UNET (diffusers ``UNet2DConditionModel``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim,
+        act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+        norm_eps=1e-5, **REPLICA_UNET,
+    )  # fmt: skip
+
+
+def base_key(standin: Path, train_csv: Path, s: Settings) -> str:
+    """Cache key of the base: its settings, the U-Net layout, and every input it is trained from (the
+    stand-in's VAE, which made the cached latents, text encoder, tokenizer and scheduler; the training ids)."""
+    import hashlib
+
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "version": BASE_VERSION,
+                "unet": REPLICA_UNET,
+                **{k: getattr(s, k) for k in ("base_steps", "base_batch", "base_lr", "base_seed")},
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for f in sorted((standin / sub).iterdir()):
+            digest.update(f"{sub}/{f.name}\0".encode() + f.read_bytes())
+    with open(train_csv, newline="") as f:
+        digest.update("".join(f"{r['id']},{r['class_id']}\n" for r in csv.DictReader(f)).encode())
+    return digest.hexdigest()[:16]
+
+
+def ensure_base(assets: dict[str, Any], data: dict[str, Path], work: Path, s: Settings) -> dict[str, Any]:
+    """The replica's base pipeline (built once, cached in ``work/base_sd15``, shared by every arm and seed).
+
+    A copy of the stand-in SD-1.5 folder (VAE, text encoder, tokenizer, scheduler) whose ``unet/`` is the
+    two-level U-Net pretrained here. Rebuilt when its key (``base_key``) changes; written atomically."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from datasets.lmdb_cache import LMDBCacheReader
+    from preprocessing.digits import digit_prompt
+    from preprocessing.standin_training import train_text_to_image
+    from train.urepa.setup import load_scheduler_config, load_unet
+    from utils.checkpoint import atomic_write
+
+    standin, out = Path(assets["sd15"]), work / "base_sd15"
+    key = base_key(standin, data["train_csv"], s)
+    stamp_path = out / BASE_STAMP
+    if stamp_path.is_file():
+        stamp = json.loads(stamp_path.read_text())
+        if stamp.get("key") == key:
+            return {"dir": out, **stamp}
+    t0 = time.perf_counter()
+    standin_unet = load_unet(standin).config
+    unet = build_replica_unet(
+        int(standin_unet.sample_size), int(standin_unet.cross_attention_dim), seed=s.base_seed
+    )
+    text_encoder = (
+        CLIPTextModel.from_pretrained(standin, subfolder="text_encoder").eval().requires_grad_(False)
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(standin, subfolder="tokenizer")
+    prompts = [digit_prompt(d) for d in range(10)] + [""]
+    prompt_ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with open(data["train_csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    reader = LMDBCacheReader(data["latents"])
+    # the cache holds scaled posterior means ([4, h, w], build_caches.py's default, what the fine-tune reads)
+    # or means and stds ([2, 4, h, w]); either way the base sees the latents the fine-tune sees
+    records = torch.stack([reader.get(r["id"]).float() for r in rows])
+    mean, std = (records[:, 0], records[:, 1]) if records.ndim == 5 else (records, torch.zeros_like(records))
+    labels = torch.tensor([int(r["class_id"]) for r in rows])
+    # The stand-in's own pretraining loop; the text encoder is frozen (no gradient: AdamW leaves it as is),
+    # so the fine-tune's cached prompt embeddings (preprocessing/prepare_clip_embeddings.py) stay valid.
+    figures = train_text_to_image(
+        unet,
+        text_encoder,
+        prompt_ids,
+        [(mean, std, labels)],
+        [1.0],
+        DDPMScheduler.from_config(load_scheduler_config(standin)),
+        steps=s.base_steps,
+        batch=s.base_batch,
+        lr=s.base_lr,
+        uncond_prob=0.1,
+        uncond_index=len(prompts) - 1,
+        seed=s.base_seed + 1,
+    )
+    import shutil
+
+    stamp = {
+        "key": key,
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in REPLICA_UNET.items()},
+        "settings": {k: getattr(s, k) for k in ("base_steps", "base_batch", "base_lr", "base_seed")},
+        "pretraining_loss": figures,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "standin": str(standin),
+    }
+    with atomic_write(out) as tmp:
+        shutil.copytree(standin, tmp, ignore=lambda d, names: ["unet"] if Path(d) == standin else [])
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / BASE_STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    logger.info(f"replica base: {json.dumps(stamp)}")
+    return {"dir": out, **stamp}
+
+
 # ------------------------------------------------------------------------------------------------ training
 def logged_losses(run_dir: Path) -> list[dict[str, float]]:
     """The trainer's logged loss terms (training core's losses.jsonl), one dict per log_every steps."""
@@ -280,14 +419,14 @@ def logged_losses(run_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def train_run(arm: Arm, seed: int, data: dict[str, Path], assets: dict[str, Any], run_dir: Path, s: Settings):
+def train_run(arm: Arm, seed: int, data: dict[str, Path], base: Path, run_dir: Path, s: Settings):
     """One train_sd15.py run (resumes a finished or interrupted run in run_dir: nothing is redone)."""
     import train_sd15
 
     overrides = [
         f"output_dir={run_dir}",
         f"seed={seed}",
-        f"model.pretrained={assets['sd15']}",
+        f"model.pretrained={base}",
         f"data.csv={data['train_csv']}",
         f"data.latent_dir={data['latents']}",
         f"data.dino_dir={data['dino']}",
@@ -310,13 +449,13 @@ def train_run(arm: Arm, seed: int, data: dict[str, Path], assets: dict[str, Any]
 class Evaluator:
     """Everything shared by the evaluations: held-out data, VAE, scheduler, prompt table, classifier."""
 
-    def __init__(self, assets: dict[str, Any], data: dict[str, Path], s: Settings) -> None:
+    def __init__(self, assets: dict[str, Any], base: Path, data: dict[str, Path], s: Settings) -> None:
         from datasets.sd15_aligned import SD15AlignedDataset
         from train.urepa.data import load_clip_embeddings
         from train.urepa.setup import load_scheduler_config, load_vae
 
         self.s = s
-        self.sd_dir = Path(assets["sd15"])
+        self.sd_dir = Path(base)
         self.vae = load_vae(self.sd_dir).eval().requires_grad_(False)
         self.scheduler_config = load_scheduler_config(self.sd_dir)
         self.table = load_clip_embeddings(data["clip"]).float()
@@ -332,7 +471,7 @@ class Evaluator:
         g = torch.Generator().manual_seed(1234)
         self.noise = torch.randn(self.latents.shape, generator=g)
         self.timesteps = torch.randint(0, 1000, (n,), generator=g)
-        self._start: dict[int, dict[str, float]] = {}  # step-0 sample / alignment metrics per seed
+        self._start: dict[str, float] | None = None  # step-0 sample / alignment metrics (seed-independent)
         self.classifier = None
         if assets.get("classifier") is not None and s.samples_per_class:
             from eval.fid import feature_stats
@@ -455,8 +594,8 @@ class Evaluator:
     def evaluate(self, cfg: dict[str, Any], ckpt: Path | None, seed: int) -> tuple[dict[str, float], Any]:
         model = self.load(cfg, ckpt, seed)
         row = self.held_out(model, cfg)
-        if ckpt is None and seed in self._start:  # step 0: the same base U-Net in every arm (zero LoRA)
-            row.update(self._start[seed])
+        if ckpt is None and self._start is not None:  # step 0: the same base U-Net in every arm and seed
+            row.update(self._start)  # (zero LoRA; samples and raw features do not involve the head)
             return row, None
         shared = self.alignment(model)
         images = None
@@ -464,7 +603,7 @@ class Evaluator:
             images = self.samples(model, cfg)
             shared.update(self.sample_metrics(images))
         if ckpt is None:
-            self._start[seed] = shared
+            self._start = shared
         return {**row, **shared}, images
 
 
@@ -585,8 +724,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assets = resolve_replica_assets(args.assets, args.quick, Path(args.work))
     logger.info(f"assets: {assets['kind']}")
     data = prepare_data(assets, work, s)
-    seconds = {"data": round(time.perf_counter() - start, 1), "train": 0.0, "eval": 0.0}
-    evaluator = Evaluator(assets, data, s)
+    seconds = {"data": round(time.perf_counter() - start, 1), "base": 0.0, "train": 0.0, "eval": 0.0}
+    t_base = time.perf_counter()
+    base = ensure_base(assets, data, work, s)
+    seconds["base"] = time.perf_counter() - t_base
+    evaluator = Evaluator(assets, base["dir"], data, s)
     from train.urepa.checkpoint import load_checkpoint_config
 
     rows: list[dict[str, Any]] = []
@@ -596,7 +738,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for arm in [a for a in ARMS if a.name in args.arms]:
             run_dir = work / "runs" / f"{arm.name}_seed{seed}"
             t0 = time.perf_counter()
-            train_run(arm, seed, data, assets, run_dir, s)
+            train_run(arm, seed, data, base["dir"], run_dir, s)
             t1 = time.perf_counter()
             seconds["train"] += t1 - t0
             cfg = load_checkpoint_config(run_dir / f"checkpoint-{s.steps}")
@@ -621,6 +763,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "replica": "U-REPA (seed 004) on the stand-in SD-1.5, scikit-learn digits",
         "assets": assets["kind"],
+        "base": {k: v for k, v in base.items() if k != "dir"},
         "settings": dataclasses.asdict(s),
         "arms": [dataclasses.asdict(a) for a in ARMS if a.name in args.arms],
         "seeds": args.seeds,

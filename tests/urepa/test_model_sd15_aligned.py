@@ -91,6 +91,48 @@ def test_lora_whitelist_exact_modules(unet_factory):
     assert any(k.startswith("unet.mid_block") for k in model.lora_state_dict_diffusers())
 
 
+def test_whitelist_and_enc_last_follow_the_unet_depth(unet_factory):
+    """A U-Net with SD-1.5's block types but two levels (the U-REPA replica's base): the whitelist and the
+    enc_last hook address its lowest-resolution stage (down_blocks.1), not SD-1.5's down_blocks.3."""
+    from diffusers import UNet2DConditionModel
+
+    from models.sd15_unet_aligned import LORA_WHITELIST_PREFIXES, align_module, lora_whitelist_prefixes
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    assert lora_whitelist_prefixes(unet) == ("mid_block.", "down_blocks.1.", "up_blocks.0.")
+    resnet = [
+        f"{blk}.resnets.{i}.{c}"
+        for blk, n in (("down_blocks.1", 2), ("up_blocks.0", 3), ("mid_block", 2))
+        for i in range(n)
+        for c in ("conv1", "conv2")
+    ]
+    attn = [
+        f"mid_block.attentions.0.transformer_blocks.0.{a}.{p}"
+        for a in ("attn1", "attn2")
+        for p in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    assert sorted(find_lora_targets(unet)) == sorted(resnet + attn)
+    assert align_module(unet, "enc_last") is unet.down_blocks[1].resnets[-1]
+    model = SD15UNetAligned(
+        unet, align_layers=("enc_last", "mid"), D=64, grid=(4, 4), lora_config={"rank": 4}, verbose=False
+    )
+    with capture_features(unet, ["enc_last", "mid", "dec_first"]) as feats:
+        model(*_inputs())
+    # the whole stage keeps a spatial grid (dec_first's ResNet runs before up_blocks.0's upsampler)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {k: (2, 64, 4, 4) for k in feats}
+    assert LORA_WHITELIST_PREFIXES == lora_whitelist_prefixes(unet_factory())  # SD-1.5's four levels
+
+
 def test_hooks_capture_the_right_modules_and_clear(unet_factory):
     unet = unet_factory()
     model = SD15UNetAligned(
