@@ -1,35 +1,45 @@
 """U-REPA replica (seed 004) at CPU scale: does aligning the U-Net to DINOv2 make a LoRA fine-tune learn faster?
 
     python script/replicas/urepa.py --assets .cache/trained --out outputs/replicas/urepa --seeds 0 1 2
-    python script/replicas/urepa.py --quick            # CI guard, <= 60 s: random tiny assets, a few steps
+    python script/replicas/urepa.py --quick            # CI guard, <= 60 s CPU: random tiny assets, a few steps
 
 What it does, all with the repo's own code paths:
 
 1. Data: the scikit-learn digits of the trained assets (`preprocessing/trained_assets.py`: ImageFolder
    `{train,test}/<digit>/NNNN.png`, 64 px) written as the sample CSV the cache builders read
-   (`id,img_path,class_id,synset`), then `preprocessing/build_caches.py` (stand-in VAE latents + stand-in DINOv2
-   tokens, one pass) and `preprocessing/prepare_clip_embeddings.py` (prompts "a photo of the digit {name}", the
-   prompts the stand-in SD was pretrained with).
-2. Training: `train_sd15.main` with `configs/sd15_repa_replica_digits.yaml` (setting A's recipe: LoRA on the
-   mid / down_blocks.3 / up_blocks.0 whitelist, EMA, warmup + cosine; eps prediction, see Settings) for three arms with the
-   same seeds, data order and steps: U-REPA (lambda 0.8, w 3), baseline (lambda 0), token-only (lambda 0.8, w 0).
-3. Evaluation of every checkpoint (EMA weights, loaded back from the checkpoint files) and of the untrained
-   start (step 0):
+   (`id,img_path,class_id,synset`), then `preprocessing/build_caches.py` (stand-in VAE latents 4 x 8 x 8 +
+   stand-in DINOv2 tokens 4 x 4 x 64, one pass) and `preprocessing/prepare_clip_embeddings.py` (prompts "a photo
+   of the digit {name}", the stand-in's text encoder).
+2. The base (built once, cached in `<work>/base_sd15`, shared by every arm and seed): the stand-in SD-1.5 with
+   its U-Net replaced by a two-level U-Net of SD-1.5's block types (`REPLICA_UNET`), pretrained from scratch
+   for `Settings.base_steps` steps by the stand-in's own pretraining loop
+   (`preprocessing/standin_training.train_text_to_image`, text encoder frozen) on the training digits' cached
+   latents. Why: on 8x8 latents SD-1.5's four levels put the aligned stage at 1x1 (one global vector); two
+   levels keep it at 4x4, the DINO token grid. Short on purpose: a weak but non-random digit model that the
+   LoRA can improve within its steps (the stand-in SD already samples digits at 97.5 % accuracy).
+3. Training: `train_sd15.main` with `configs/sd15_repa_replica_digits.yaml` (setting A's recipe: LoRA on the
+   whitelist of the U-Net's lowest-resolution stage, here mid_block / down_blocks.1 / up_blocks.0, EMA, warmup
+   + cosine; eps prediction, see Settings) for three arms with the same base, seeds, data order and steps:
+   U-REPA (lambda 0.8, w 3), baseline (lambda 0), token-only (lambda 0.8, w 0).
+4. Evaluation of every checkpoint (EMA weights, loaded back from the checkpoint files) and of the base
+   (step 0):
    - class-conditional samples (`train/urepa/sampling.py`: DPM-Solver++, interval CFG) decoded by the stand-in
      VAE, scored by the separately trained digit classifier (`models/digit_classifier.py`, never a training
      signal): Frechet distance of its 64-d features to the held-out test digits (clean-fid's
      `frechet_distance`, as `eval/fid.py`), and class accuracy (argmax == prompted digit);
-   - alignment of the raw U-Net mid features with the DINO tokens of the held-out digits at t = 250
+   - alignment of the raw U-Net mid features (4 x 4) with the DINO tokens of the held-out digits at t = 250
      (`eval/alignment.py`: SVCCA on tokens as `eval/evaluate_sd15.py`, CKNNA on per-image features);
    - held-out diffusion loss and (arms with a head) held-out token loss, fixed noise and timesteps.
-4. Results under --out: `results.json`, `results.csv` (one row per arm, seed, step), `summary.md` (mean +- std
-   over seeds at each step and the steps each arm needs to reach the baseline's final Frechet distance),
-   `curves.png` (metrics vs step, mean +- std bands), `samples.png` (final samples of each arm, seed 0).
+5. Results under --out: `results.json` (rows, aggregate, the verdict of the rule fixed before the runs, the
+   base's stamp, timings), `results.csv` (one row per arm, seed, step), `summary.md` (mean +- std over seeds
+   at each step, steps each arm needs to reach the baseline's final values, paired final differences, the
+   verdict), `curves.png` (metrics vs step, mean +- std bands), `samples.png` (base and final samples of each
+   arm, seed 0).
 
-The quick mode (`--quick`) runs the same pipeline on the random tiny assets (`preprocessing/make_tiny_assets.py`)
-and a digit subset for a few steps, without the classifier metrics (those need the trained classifier): it is
-the CI guard that training reduces the held-out losses below the untrained model's
-(`tests/replicas/test_urepa_replica.py`).
+The quick mode (`--quick`) runs the same pipeline (base pretraining included) on the random tiny assets
+(`preprocessing/make_tiny_assets.py`) and a digit subset for a few steps, without the classifier metrics
+(those need the trained classifier): it is the CI guard that training lowers the held-out losses below the
+untrained model's (`tests/replicas/test_urepa_replica.py`).
 """
 
 from __future__ import annotations
@@ -98,7 +108,7 @@ class Settings:
     """Run lengths and evaluation sizes (fixed before any arm comparison was looked at; docs/replicas.md)."""
 
     steps: int = 200
-    eval_every: int = 40
+    eval_every: int = 50
     batch_size: int = 64
     lr: float | None = None  # None: the config's optim.lr
     finetune: str = "lora"  # model.finetune
@@ -108,11 +118,11 @@ class Settings:
     # (preprocessing/standin_training.train_text_to_image: SD's eps objective, 10 % prompt dropout, AdamW,
     # warmup + cosine) on the training digits' cached latents, the stand-in's text encoder frozen. Short on
     # purpose: a weak but non-random digit model that the fine-tune can improve within its steps.
-    base_steps: int = 150
+    base_steps: int = 300
     base_batch: int = 64
     base_lr: float = 1e-3  # the stand-in U-Net's pretraining lr (preprocessing/trained_assets.py)
     base_seed: int = 0
-    samples_per_class: int = 10  # Frechet distance / accuracy: 100 samples vs the 300 held-out digits
+    samples_per_class: int = 20  # Frechet distance / accuracy: 200 samples vs the 300 held-out digits
     sample_steps: int = 10  # DPM-Solver++ (evaluate_sd15.py's default sampler; 25 steps there)
     cfg_scale: float = 3.0  # the stand-in's own evaluation (preprocessing/trained_assets.py) uses CFG 3
     align_images: int = 300  # held-out digits for SVCCA / CKNNA / held-out losses
@@ -168,9 +178,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="CI guard: tiny assets, few steps, no classifier metrics."
     )
-    p.add_argument("--steps", type=int, default=None, help="Training steps per run (default: 30; quick: 20).")
+    p.add_argument(
+        "--steps", type=int, default=None, help="Training steps per run (default: 200; quick: 20)."
+    )
     p.add_argument("--eval_every", type=int, default=None, help="Checkpoint + evaluation interval in steps.")
     p.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: the config's 1e-2).")
+    p.add_argument(
+        "--base_steps",
+        type=int,
+        default=None,
+        help="Pretraining steps of the replica's base U-Net (default 300; quick: 30). The base is cached in "
+        "<work>/base_sd15 and rebuilt when this or any of its inputs changes.",
+    )
     p.add_argument(
         "--prediction",
         choices=("epsilon", "v"),
@@ -185,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         lr=args.lr if args.lr is not None else settings.lr,
         prediction=args.prediction or settings.prediction,
         steps=args.steps or settings.steps,
+        base_steps=args.base_steps or settings.base_steps,
         eval_every=args.eval_every or (args.steps if args.quick and args.steps else settings.eval_every),
     )
     if settings.steps < 1 or settings.eval_every < 1 or settings.steps % settings.eval_every:
@@ -419,12 +439,9 @@ def logged_losses(run_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def train_run(arm: Arm, seed: int, data: dict[str, Path], base: Path, run_dir: Path, s: Settings):
-    """One train_sd15.py run (resumes a finished or interrupted run in run_dir: nothing is redone)."""
-    import train_sd15
-
-    overrides = [
-        f"output_dir={run_dir}",
+def run_overrides(arm: Arm, seed: int, data: dict[str, Path], base: Path, s: Settings) -> list[str]:
+    """The train_sd15.py --set overrides of one run (output_dir excepted)."""
+    return [
         f"seed={seed}",
         f"model.pretrained={base}",
         f"data.csv={data['train_csv']}",
@@ -440,9 +457,24 @@ def train_run(arm: Arm, seed: int, data: dict[str, Path], base: Path, run_dir: P
         f"model.finetune={s.finetune}",
         f"loss.prediction={s.prediction}",
     ] + ([f"optim.lr={s.lr}"] if s.lr is not None else [])
+
+
+def run_dir_of(work: Path, arm: Arm, seed: int, overrides: list[str], base_key: str) -> Path:
+    """``<work>/runs/<arm>_seed<seed>_<hash>``: the hash of the run's settings and of the base, so a rerun with
+    other settings or another base trains afresh instead of reusing a finished run's checkpoints."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([overrides, base_key]).encode()).hexdigest()[:8]
+    return work / "runs" / f"{arm.name}_seed{seed}_{h}"
+
+
+def train_run(overrides: list[str], run_dir: Path, s: Settings) -> None:
+    """One train_sd15.py run (resumes a finished or interrupted run in run_dir: nothing is redone)."""
+    import train_sd15
+
     if (run_dir / f"checkpoint-{s.steps}").is_dir():
         return
-    train_sd15.main(["--config", str(CONFIG), "--set", *overrides])
+    train_sd15.main(["--config", str(CONFIG), "--set", f"output_dir={run_dir}", *overrides])
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -635,15 +667,60 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, tuple
     return out
 
 
-def steps_to_reach(rows: list[dict[str, Any]], metric: str, threshold: float, lower_is_better: bool) -> dict:
-    """Per arm: for each seed the first evaluated step whose metric is at least as good as threshold (None:
-    never within the run)."""
+def steps_to_reach(
+    rows: list[dict[str, Any]], metric: str, lower_is_better: bool
+) -> dict[str, list[int | None]]:
+    """Per arm and seed: the first evaluated step at which the metric is at least as good as the *baseline's
+    final value of the same seed* (None: not within the run). The seeds share the data order and noise, so the
+    comparison is paired."""
+    final = max(r["step"] for r in rows)
     out: dict[str, list[int | None]] = {}
     for arm in dict.fromkeys(r["arm"] for r in rows):
         for seed in sorted({r["seed"] for r in rows if r["arm"] == arm}):
+            ref = [
+                r[metric] for r in rows if r["arm"] == "baseline" and r["seed"] == seed and r["step"] == final
+            ]
+            if not ref:
+                continue
             pts = sorted((r["step"], r[metric]) for r in rows if r["arm"] == arm and r["seed"] == seed)
-            hit = [st for st, v in pts if (v <= threshold if lower_is_better else v >= threshold)]
+            hit = [st for st, v in pts if (v <= ref[0] if lower_is_better else v >= ref[0])]
             out.setdefault(arm, []).append(hit[0] if hit else None)
+    return out
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rule fixed before the runs (docs/replicas.md, U-REPA): an arm shows the paper's effect when, on every
+    seed, it reaches the baseline's final Frechet distance (same seed) at an earlier evaluated step than the
+    baseline does; learning is shown when the baseline's final Frechet distance is below the base's (step 0)
+    and its class accuracy above it on every seed. Also the paired final differences (arm - baseline)."""
+    final = max(r["step"] for r in rows)
+    if not any(r["arm"] == "baseline" for r in rows) or "frechet_distance" not in rows[0]:
+        return {}
+    by = {(r["arm"], r["seed"], r["step"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["arm"] == "baseline"})
+    reach = {
+        m: steps_to_reach(rows, m, m == "frechet_distance") for m in ("frechet_distance", "class_accuracy")
+    }
+    base = reach["frechet_distance"]["baseline"]
+    out: dict[str, Any] = {
+        "steps_to_baseline_final": reach,
+        "learning_shown": all(
+            by[("baseline", sd, final)]["frechet_distance"] < by[("baseline", sd, 0)]["frechet_distance"]
+            and by[("baseline", sd, final)]["class_accuracy"] > by[("baseline", sd, 0)]["class_accuracy"]
+            for sd in seeds
+        ),
+        "effect": {},
+        "final_differences": {},
+    }
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        if arm == "baseline":
+            continue
+        hits = reach["frechet_distance"][arm]
+        out["effect"][arm] = all(h is not None and b is not None and h < b for h, b in zip(hits, base))
+        out["final_differences"][arm] = {
+            m: mean_std([by[(arm, sd, final)][m] - by[("baseline", sd, final)][m] for sd in seeds])
+            for m in ("frechet_distance", "class_accuracy", "cknna", "svcca")
+        }
     return out
 
 
@@ -692,20 +769,45 @@ def write_summary(result: dict[str, Any], out: Path) -> str:
         for step, v in sorted(steps.items()):
             cells = [f"{v[m[0]][0]:.3f} +- {v[m[0]][1]:.3f}" if m[0] in v else "-" for m in metrics]
             lines.append(f"| {labels.get(arm, arm)} | {step} | " + " | ".join(cells) + " |")
-    reach = result.get("steps_to_baseline_final")
-    if reach:
+    v = result.get("verdict")
+    if v:
+        names = {"frechet_distance": "Frechet distance", "class_accuracy": "class accuracy"}
         lines += [
             "",
-            f"Steps to reach the baseline's final Frechet distance ({reach['threshold']:.3f}, mean over seeds at "
-            f"step {s['steps']}), per seed (`-`: not reached within {s['steps']} steps):",
+            f"Steps to reach the baseline's final value of the same seed (evaluated every {s['eval_every']} steps; "
+            f"`-`: not reached within {s['steps']} steps):",
             "",
-            "| arm | steps per seed |",
-            "|---|---|",
+            "| arm | " + " | ".join(f"{n}, per seed" for n in names.values()) + " |",
+            "|---|---|---|",
         ]
-        for arm, hits in reach["per_arm"].items():
-            lines.append(
-                f"| {labels.get(arm, arm)} | {', '.join('-' if h is None else str(h) for h in hits)} |"
-            )
+        for arm in v["steps_to_baseline_final"]["frechet_distance"]:
+            cells = [
+                ", ".join("-" if h is None else str(h) for h in v["steps_to_baseline_final"][m][arm])
+                for m in names
+            ]
+            lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Paired differences at step {s['steps']} (arm - baseline, same seed; mean +- std over seeds):",
+            "",
+            "| arm | Frechet distance | class accuracy | CKNNA | SVCCA |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, d in v["final_differences"].items():
+            cells = [
+                f"{d[m][0]:+.3f} +- {d[m][1]:.3f}"
+                for m in ("frechet_distance", "class_accuracy", "cknna", "svcca")
+            ]
+            lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Rule fixed before the runs: learning shown = the baseline's final Frechet distance below and class "
+            f"accuracy above the base's on every seed: **{'yes' if v['learning_shown'] else 'no'}**. "
+            "Effect shown for an arm = on every seed it reaches the baseline's final Frechet distance at an "
+            "earlier evaluated step than the baseline: "
+            + "; ".join(f"{labels.get(a, a)}: **{'yes' if e else 'no'}**" for a, e in v["effect"].items())
+            + ".",
+        ]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
@@ -736,9 +838,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final_images: dict[str, torch.Tensor] = {}
     for seed in args.seeds:
         for arm in [a for a in ARMS if a.name in args.arms]:
-            run_dir = work / "runs" / f"{arm.name}_seed{seed}"
+            overrides = run_overrides(arm, seed, data, base["dir"], s)
+            run_dir = run_dir_of(work, arm, seed, overrides, base["key"])
             t0 = time.perf_counter()
-            train_run(arm, seed, data, base["dir"], run_dir, s)
+            train_run(overrides, run_dir, s)
             t1 = time.perf_counter()
             seconds["train"] += t1 - t0
             cfg = load_checkpoint_config(run_dir / f"checkpoint-{s.steps}")
@@ -756,6 +859,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row, images = evaluator.evaluate(cfg, ckpt, seed)
                 rows.append({"arm": arm.name, "seed": seed, "step": step, **row})
                 logger.info(json.dumps(rows[-1]))
+                if step == 0 and images is not None:  # the base: the first evaluation of step 0
+                    final_images["base"] = images
                 if step == s.steps and seed == args.seeds[0] and images is not None:
                     final_images[arm.name] = images
             seconds["eval"] += time.perf_counter() - t1
@@ -771,13 +876,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "training_log": training,
         "aggregate": {a: {str(st): v for st, v in steps.items()} for a, steps in agg.items()},
     }
-    if "baseline" in agg and "frechet_distance" in agg["baseline"][s.steps]:
-        threshold = agg["baseline"][s.steps]["frechet_distance"][0]
-        result["steps_to_baseline_final"] = {
-            "metric": "frechet_distance",
-            "threshold": threshold,
-            "per_arm": steps_to_reach(rows, "frechet_distance", threshold, lower_is_better=True),
-        }
+    result["verdict"] = verdict(rows)
     seconds["total"] = round(time.perf_counter() - start, 1)
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result["machine"] = (
@@ -798,7 +897,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if final_images:
         from utils.figures import save_labelled_grid
 
-        labels = {a.name: a.label for a in ARMS}
+        labels = {"base": "base (step 0)", **{a.name: a.label for a in ARMS}}
         per_row = 10
         save_labelled_grid(
             torch.cat([img[:per_row] for img in final_images.values()]),
@@ -806,7 +905,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ncols=per_row,
             row_labels=[labels[a] for a in final_images],
             col_labels=[str(d) for d in range(per_row)],
-            title=f"Samples after {s.steps} steps (seed {args.seeds[0]}, EMA), one digit per column, same noise",
+            title=f"The base and each arm after {s.steps} steps (seed {args.seeds[0]}, EMA), one digit per column, "
+            "same noise",
         )
     print(summary)
     logger.info(f"done in {seconds['total']:.0f} s: {out}")
