@@ -4,7 +4,7 @@
     accelerate launch --multi_gpu --num_processes 2 train_sd15.py --config configs/sd15_repa_tiny.yaml   # CPU too
 
 Loss: L = L_diff + lambda * (L_token + w * L_manifold) (losses/urepa.py); LoRA (or a partial full fine-tune)
-on mid_block / down_blocks.3 / up_blocks.0; AdamW + warmup/cosine; EMA of the trained weights; bf16;
+on mid_block / down_blocks.3 / up_blocks.0 (the U-Net's lowest-resolution stage); AdamW + warmup/cosine; EMA of the trained weights; bf16;
 gradient clipping; NaN/Inf steps skipped (abort after ``train.max_consecutive_nonfinite``);
 checkpoints with exact resume (``train.resume_from_checkpoint: latest``); scalars and sample grids to every --report_to tracker (TensorBoard by default).
 The loop itself is the shared training core (train/core/, docs/training_core.md); this file wires

@@ -731,14 +731,15 @@ def plot_curves(agg: dict, path: Path, title: str) -> Path:
     metrics = [m for m in METRICS if any(m[0] in v for a in agg.values() for v in a.values())]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     labels = {a.name: a.label for a in ARMS}
+    colours = {a.name: f"C{i}" for i, a in enumerate(ARMS)}  # one colour per arm in every panel
     for ax, (metric, name, better) in zip(axes[0], metrics):
         for arm, steps in agg.items():
             pts = [(st, *v[metric]) for st, v in sorted(steps.items()) if metric in v]
             if not pts:
                 continue
             x, mu, sd = (np.asarray(c) for c in zip(*pts))
-            ax.plot(x, mu, marker="o", ms=3, label=labels.get(arm, arm))
-            ax.fill_between(x, mu - sd, mu + sd, alpha=0.2)
+            ax.plot(x, mu, marker="o", ms=3, label=labels.get(arm, arm), color=colours.get(arm))
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.2, color=colours.get(arm))
         ax.set_title(f"{name}\n({better} is better)", fontsize=8)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -755,7 +756,7 @@ def write_summary(result: dict[str, Any], out: Path) -> str:
     seeds = result["seeds"]
     lines = [
         f"Mean +- std over seeds {seeds} (sample std, n = {len(seeds)}); {s['steps']} steps, batch {s['batch_size']}, "
-        f"evaluated every {s['eval_every']} steps (step 0 = the stand-in SD before fine-tuning: zero LoRA, untrained head).",
+        f"evaluated every {s['eval_every']} steps (step 0 = the replica base before fine-tuning: zero LoRA, untrained head).",
         "",
     ]
     metrics = [m for m in METRICS if any(m[0] in v for a in agg.values() for v in a.values())]
