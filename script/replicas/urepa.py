@@ -336,8 +336,9 @@ def build_replica_unet(sample_size: int, cross_attention_dim: int, seed: int):
 
 
 def base_key(standin: Path, train_csv: Path, s: Settings) -> str:
-    """Cache key of the base: its settings, the U-Net layout, and every input it is trained from (the
-    stand-in's VAE, which made the cached latents, text encoder, tokenizer and scheduler; the training ids)."""
+    """Cache key of the base: its settings, the U-Net layout, the pretraining loop's source, and every input it
+    is trained from (the stand-in's VAE, which made the cached latents, text encoder, tokenizer and scheduler;
+    the training ids)."""
     import hashlib
 
     digest = hashlib.sha256(
@@ -350,6 +351,8 @@ def base_key(standin: Path, train_csv: Path, s: Settings) -> str:
             sort_keys=True,
         ).encode()
     )
+    loop = REPO_ROOT / "preprocessing" / "standin_training.py"  # the pretraining loop itself
+    digest.update(b"standin_training.py\0" + loop.read_bytes())
     for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
         for f in sorted((standin / sub).iterdir()):
             digest.update(f"{sub}/{f.name}\0".encode() + f.read_bytes())
@@ -400,20 +403,28 @@ def ensure_base(assets: dict[str, Any], data: dict[str, Path], work: Path, s: Se
     labels = torch.tensor([int(r["class_id"]) for r in rows])
     # The stand-in's own pretraining loop; the text encoder is frozen (no gradient: AdamW leaves it as is),
     # so the fine-tune's cached prompt embeddings (preprocessing/prepare_clip_embeddings.py) stay valid.
-    figures = train_text_to_image(
-        unet,
-        text_encoder,
-        prompt_ids,
-        [(mean, std, labels)],
-        [1.0],
-        DDPMScheduler.from_config(load_scheduler_config(standin)),
-        steps=s.base_steps,
-        batch=s.base_batch,
-        lr=s.base_lr,
-        uncond_prob=0.1,
-        uncond_index=len(prompts) - 1,
-        seed=s.base_seed + 1,
-    )
+    # Deterministic algorithms, as the stand-ins' build (preprocessing/trained_assets.build): with more than one
+    # thread some CPU backward kernels otherwise accumulate in a scheduling-dependent order.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        figures = train_text_to_image(
+            unet,
+            text_encoder,
+            prompt_ids,
+            [(mean, std, labels)],
+            [1.0],
+            DDPMScheduler.from_config(load_scheduler_config(standin)),
+            steps=s.base_steps,
+            batch=s.base_batch,
+            lr=s.base_lr,
+            uncond_prob=0.1,
+            uncond_index=len(prompts) - 1,
+            seed=s.base_seed + 1,
+        )
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
     import shutil
 
     stamp = {
