@@ -16,7 +16,7 @@ What it does, all with the repo's own code paths:
    (`preprocessing/standin_training.train_text_to_image`, text encoder frozen) on the training digits' cached
    latents. Why: on 8x8 latents SD-1.5's four levels put the aligned stage at 1x1 (one global vector); two
    levels keep it at 4x4, the DINO token grid. Short on purpose: a weak but non-random digit model that the
-   LoRA can improve within its steps (the stand-in SD already samples digits at 97.5 % accuracy).
+   LoRA can improve within its steps (the stand-in SD already samples digits at ~98 % accuracy).
 3. Training: `train_sd15.main` with `configs/sd15_repa_replica_digits.yaml` (setting A's recipe: LoRA on the
    whitelist of the U-Net's lowest-resolution stage, here mid_block / down_blocks.1 / up_blocks.0, EMA, warmup
    + cosine; eps prediction, see Settings) for three arms with the same base, seeds, data order and steps:
