@@ -54,10 +54,10 @@ def settings() -> Settings:
         dinov2_layers=S("3 6 9 11", "3 6 9 11", "dino: DINOv2 blocks of the loss"),
         dinov2_loss_impl=S("reference", "reference", "dino: the term's implementation (reference = the seed "
                            "trainer's formula; fast = this repository's default, docs/anomaly_training.md)"),
-        dinov2_resolution=S(None, None, "dino: DINO input size of the fast/crop term (None: the impl's)"),
+        dinov2_resolution=S(None, None, "dino: DINO input size of the fast/crop term (None: the impl's)", kind=int),
         dinov2_weights=S(None, None, "dino: DINOv2 weights file (None: the torch.hub cache)"),
         num_images=S(500, 500, "generated pairs per defect type (inference_mvtec_split.py)"),
-        sampling_steps=S(None, None, "sampler steps (None: the preset's, PNDM 100 / BCM 50)"),
+        sampling_steps=S(None, None, "sampler steps (None: the preset's, PNDM 100 / BCM 50)", kind=int),
         gen_batch=S(4, 4, "generation batch size (a sample depends on it: keep it for a whole run)"),
         gen_dtype=S("fp32", "fp32", "generation precision (the reference pipeline runs fp32)"),
         random_metric_networks=S(False, False, "random-weight VGG16 / Inception / ResNet-34 (smoke tests only)",
@@ -72,7 +72,7 @@ def settings() -> Settings:
         loc_batch=S(16, 16, "localization batch size"),
         loc_base_width=S(64, 64, "localization U-Net width"),
         cls_steps=S(None, None, "classifier steps (None: 30 x ceil(5 N / batch), N = generated images, as the "
-                    "references)"),
+                    "references)", kind=int),
         cls_batch=S(8, 8, "classifier batch size"),
         anomaly_maps=S("npy", "npy", "saved test anomaly maps (npy, tiff, both, none)"),
         figure_images=S(8, 8, "test images in each localization job's predictions.png (0: no figure)"),

@@ -47,6 +47,7 @@ from script.reproduce import dualanodiff, urepa
 from script.reproduce.estimate import HOW, gpu_hours, load_counts
 from script.reproduce.execute import Outcome, Runner, run_single, visible_gpus
 from script.reproduce.units import REPO_ROOT, STATE_DIR, Markers, Plan, Unit
+from utils.checkpoint import atomic_write
 from utils.cli import UserError, run_cli
 
 PROFILES = ("paper", "tiny")
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageNet root holding ILSVRC/Data/CLS-LOC/{train,val} (default datasets/imagenet)")  # fmt: skip
     u.add_argument("--settings", nargs="+", default=list(urepa.CONFIGS), metavar="SETTING",
                    help=f"settings to run (default: all): {', '.join(urepa.CONFIGS)}")  # fmt: skip
+    p.epilog += (
+        "\n\nEvery option, per plan (run.py PLAN --help explains each):\n"
+        + d.format_usage()
+        + u.format_usage()
+    )
     return p
 
 
@@ -146,6 +152,16 @@ def make_plan(args: argparse.Namespace, counts: dict[str, float] | None) -> Plan
     if tiny:
         s.apply(module.TINY, "--profile tiny")
     s.apply_overrides(args.overrides)
+    if args.plan == "dualanodiff" and s.v("random_metric_networks") and not s.v("inception_path"):
+        # one seeded random TorchScript Inception for every IS unit (compute_is.py --random_weights would build
+        # the full 27M-parameter network per unit: tens of seconds each on a CPU); same role, same meaninglessness
+        path = args.out / STATE_DIR / "random_inception.pt"
+        if not path.is_file() and not args.dry_run:
+            from models.inception import write_random_torchscript_inception
+
+            with atomic_write(path) as tmp:
+                write_random_torchscript_inception(tmp)
+        s["inception_path"].value = str(path)
     report = Unit(
         name=f"{args.plan}/report", entry="script/reproduce/run.py", args=[*plan_args(args), "--report_only"],
         outputs=[args.out / "tables" / "README.md"], always_run=True, estimate_note="CPU only", precision="fp32",
@@ -238,7 +254,8 @@ def record_run(plan: Plan, outcome: Outcome, seconds: float) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed options with the profile's defaults filled in and every path absolute."""
     args = build_parser().parse_args(argv)
     tiny = args.profile == "tiny"
     if args.plan == "dualanodiff":
@@ -250,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             args.imagenet_root or (REPO_ROOT / urepa.TINY_IMAGENET if tiny else "datasets/imagenet")
         )
     args.out = _abs(args.out or f"outputs/reproduce/{args.plan}{'-tiny' if tiny else ''}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_args(argv)
+    tiny = args.profile == "tiny"
     modes = [m for m in ("dry_run", "emit_slurm", "report_only", "unit") if getattr(args, m)]
     if len(modes) > 1:
         raise UserError(f"--{' and --'.join(modes)}: choose one")

@@ -44,8 +44,10 @@ class Setting:
     paper: Any
     help: str
     deviation: str = ""  # why a value other than the paper's matters, shown with the value ("" = help)
-    protocol: bool = (
-        True  # False: where things are or how fast they run (paths, batch of sampling): never a deviation
+    # False: where things are or how fast they run (paths, sampling batch): never a deviation
+    protocol: bool = True
+    kind: type | None = (
+        None  # type of --set values (default: the paper's value's, else the value's, else str)
     )
 
     @property
@@ -99,9 +101,11 @@ class Settings(dict):
             if name not in self:
                 problems.append(f"--set {name}: unknown setting; settings: {', '.join(sorted(self))}")
                 continue
-            like = self[name].paper if self[name].paper is not None else self[name].value
+            setting = self[name]
+            like = setting.kind() if setting.kind is not None else setting.paper
+            like = setting.value if like is None else like
             try:
-                self[name].value = _parse_value(text, like)
+                self[name].value = _parse_value(text, "" if like is None else like)
             except ValueError as err:
                 problems.append(f"--set {name}={text}: {err}")
         if problems:
