@@ -493,7 +493,7 @@ def build_plan(
     units = builder.build()
     report_unit.deps = tuple(u.name for u in units)
     units.append(report_unit)
-    plan = Plan("dualanodiff", out, s, units, dualanodiff_report, profile=profile, notes=builder.notes)
-    plan.classes = found  # type: ignore[attr-defined]
-    plan.variants = builder.variants  # type: ignore[attr-defined]
-    return plan
+    info = {"classes": found, "variants": builder.variants}
+    return Plan(
+        "dualanodiff", out, s, units, dualanodiff_report, profile=profile, notes=builder.notes, info=info
+    )

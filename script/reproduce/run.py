@@ -191,12 +191,12 @@ def print_dry_run(plan: Plan, counts: dict[str, float] | None) -> None:
     markers = Markers(plan.out)
     print(f"plan {plan.name}, profile {plan.profile}: {len(plan.units)} units, outputs under {plan.out}")
     if plan.name == "dualanodiff":
-        classes = plan.classes  # type: ignore[attr-defined]
-        print(f"variants: {' '.join(plan.variants)}")  # type: ignore[attr-defined]
+        classes = plan.info["classes"]
+        print(f"variants: {' '.join(plan.info['variants'])}")
         print(f"classes ({len(classes)}, {sum(map(len, classes.values()))} defect types): "
               + "; ".join(f"{c}: {' '.join(d)}" for c, d in classes.items()))  # fmt: skip
     else:
-        print(f"settings: {' '.join(plan.urepa_settings)}")  # type: ignore[attr-defined]
+        print(f"settings: {' '.join(plan.info['settings'])}")
     for note in plan.notes:
         print(f"note: {note}")
     print("\nsettings (value / paper's value):")

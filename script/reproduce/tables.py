@@ -165,8 +165,8 @@ def _class_prefixes(variant: str, cls: str, kinds: Sequence[str]) -> list[str]:
 def dualanodiff_report(plan: Plan) -> list[Path]:
     out_dir = plan.out / "tables"
     pub = load_published("dualanodiff")
-    classes: dict[str, list[str]] = plan.classes  # type: ignore[attr-defined]
-    variants: list[str] = plan.variants  # type: ignore[attr-defined]
+    classes: dict[str, list[str]] = plan.info["classes"]
+    variants: list[str] = plan.info["variants"]
     written: list[Path] = []
 
     gen_kinds = ("train", "generate", "is", "ic_lpips")
@@ -275,7 +275,7 @@ def dualanodiff_report(plan: Plan) -> list[Path]:
 def urepa_results(plan: Plan) -> list[dict[str, Any]]:
     """Every evaluated checkpoint: setting, step, fid, sfid, svcca_mid, the JSON's path."""
     out = []
-    for setting in plan.urepa_settings:  # type: ignore[attr-defined]
+    for setting in plan.info["settings"]:
         for path in sorted((plan.out / "eval" / setting).glob("checkpoint-*.json")):
             if path.name.endswith(".manifest.json"):
                 continue
@@ -283,7 +283,7 @@ def urepa_results(plan: Plan) -> list[dict[str, Any]]:
             if rec is None:
                 continue
             out.append(dict(rec, setting=setting, path=str(path)))
-    return sorted(out, key=lambda r: (plan.urepa_settings.index(r["setting"]), r["step"]))  # type: ignore[attr-defined]
+    return sorted(out, key=lambda r: (plan.info["settings"].index(r["setting"]), r["step"]))
 
 
 def urepa_report(plan: Plan) -> list[Path]:
@@ -291,15 +291,15 @@ def urepa_report(plan: Plan) -> list[Path]:
 
     out_dir = plan.out / "tables"
     pub = load_published("urepa")
-    settings: list[str] = plan.urepa_settings  # type: ignore[attr-defined]
-    final_steps: dict[str, int] = plan.urepa_final_steps  # type: ignore[attr-defined]
+    settings: list[str] = plan.info["settings"]
+    final_steps: dict[str, int] = plan.info["final_steps"]
     results = urepa_results(plan)
     svcca_off = not plan.settings.v("align_num")
     for r in results:
         if svcca_off:
             r.setdefault("svcca_mid", "off (align_num 0)")
     written: list[Path] = []
-    groups: dict[str, str] = plan.urepa_groups  # type: ignore[attr-defined]
+    groups: dict[str, str] = plan.info["groups"]
     devs = {s: unit_deviations(plan, [f"urepa/train/{s}", f"urepa/eval/{s}/", f"urepa/caches/{groups[s]}/",
                                       f"urepa/subset/{groups[s]}"]) for s in settings}  # fmt: skip
 
@@ -347,7 +347,7 @@ def urepa_report(plan: Plan) -> list[Path]:
         fid = r.get("fid") if r else None
         d_a = fid - ref["fid"] if fid is not None and ref and "fid" in ref else None
         d_b = fid - base["fid"] if fid is not None and base and "fid" in base else None
-        t.add([s, plan.urepa_changes[s], fmt(fid), fmt(d_a), fmt(d_b), fmt(r and r.get("sfid"))], devs[s])  # type: ignore[attr-defined]
+        t.add([s, plan.info["changes"][s], fmt(fid), fmt(d_a), fmt(d_b), fmt(r and r.get("sfid"))], devs[s])
     written += t.write(out_dir)
 
     with_fid = [dict(r, run=r["setting"]) for r in results if "fid" in r]

@@ -251,6 +251,9 @@ class Plan:
     report: Callable[[Plan], list[Path]]
     profile: str = "paper"
     notes: list[str] = field(default_factory=list)  # e.g. a variant left out and why
+    # the plan's shape, for the report: dualanodiff "classes" {class: defects}, "variants"; urepa "settings",
+    # "final_steps" {setting: step}, "changes" {setting: what it changes}, "groups" {setting: data group}
+    info: dict[str, Any] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}

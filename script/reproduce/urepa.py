@@ -307,9 +307,10 @@ def build_plan(
     units = builder.build()
     report_unit.deps = tuple(u.name for u in units)
     units.append(report_unit)
-    plan = Plan("urepa", out, s, units, urepa_report, profile=profile)
-    plan.urepa_settings = list(chosen)  # type: ignore[attr-defined]
-    plan.urepa_final_steps = builder.final_steps  # type: ignore[attr-defined]
-    plan.urepa_changes = {k: v[2] for k, v in CONFIGS.items()}  # type: ignore[attr-defined]
-    plan.urepa_groups = {k: v[1] for k, v in CONFIGS.items()}  # type: ignore[attr-defined]
-    return plan
+    info = {
+        "settings": list(chosen),
+        "final_steps": builder.final_steps,
+        "changes": {k: v[2] for k, v in CONFIGS.items()},
+        "groups": {k: v[1] for k, v in CONFIGS.items()},
+    }
+    return Plan("urepa", out, s, units, urepa_report, profile=profile, info=info)
