@@ -298,7 +298,13 @@ def load_inception_for(args: argparse.Namespace):
 
 def sample_folder(lm: LoadedModel, args, out_dir: Path) -> Path:
     """``<run>/samples-<step>-<key>``: the key covers every setting the samples depend on (not their number:
-    a later run with more samples reuses the first ones), so changed flags never mix with old samples."""
+    a later run with more samples reuses the first ones), so changed flags never mix with old samples.
+
+    On a CPU that includes torch's intra-op thread count: PyTorch picks CPU kernels by it (an fp32 1x1
+    convolution of a batch below 16 runs oneDNN with several threads, its native kernel with one: ``use_mkldnn``
+    in ATen's Convolution.cpp; the channels-last GroupNorm kernel splits its sums by thread), so the same batch
+    comes out a few float32 rounding steps apart at another thread count (docs/scaling.md).
+    """
     import hashlib
 
     settings = [
@@ -314,6 +320,8 @@ def sample_folder(lm: LoadedModel, args, out_dir: Path) -> Path:
         args.mixed_precision,
         args.allow_tf32,
     ]
+    if torch.device(args.device).type == "cpu":
+        settings.append(f"cpu_threads={torch.get_num_threads()}")
     key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:8]
     return out_dir / lm.ckpt.parent.name / f"samples-{lm.step}-{key}"
 
@@ -336,7 +344,7 @@ def _load_uint8_png(path: Path) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float()
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
 
 
 @torch.no_grad()

@@ -12,7 +12,11 @@ started plainly (one process) or with ``accelerate launch`` (one process per GPU
   (``NNNN.png``); a killed job leaves complete files only.
 - **Resume.** A batch with any sample missing is made again whole (same composition, same bytes) and only its
   missing files are written, so a resumed job ends with the set an uninterrupted one writes: no index twice,
-  none missing. Outputs depend on (seed, index, batch size): keep ``--batch_size`` when resuming.
+  none missing. Outputs depend on (seed, index, batch size): keep ``--batch_size`` when resuming. On a CPU they
+  also depend on torch's intra-op thread count (PyTorch picks CPU kernels by it, e.g. oneDNN or its native
+  kernel for a 1x1 convolution), so 1 and N processes match when every process has the same count
+  (``accelerate launch --multi_gpu`` sets each worker's ``OMP_NUM_THREADS``: the caller's, else 1); on a GPU
+  it does not enter.
 
 The files live on storage every process sees; metrics are then computed once, from the union, by the main
 process (after a barrier), from per-batch feature files where extracting features is the cost.
