@@ -44,6 +44,7 @@ def settings() -> Settings:
         dinov2_weights=S(None, None, "DINOv2 weights (None: the torch.hub cache)"),
         cache_shards=S(8, 8, "cache builder jobs per subset (each one unit, resumable)"),
         cache_batch=S(64, 64, "cache builder batch size"),
+        cache_workers=S(8, 8, "cache builder image-loading workers"),
         train_steps=S(None, None, "training steps (None: the config's, 60k / 120k)", kind=int),
         train_batch=S(None, None, "batch size per process (None: the config's, 64)", kind=int),
         train_mixed_precision=S("bf16", "bf16", "training precision (seed: bf16)"),
@@ -62,7 +63,7 @@ def settings() -> Settings:
         random_metric_networks=S(False, False, "random-weight Inception (smoke tests only)",
                                  "random Inception: FID / sFID are meaningless"),
         inception_path=S(None, None, "Inception weights (None: the caches evaluate_sd15.py names)"),
-    ).not_protocol("class_index_json", "dinov2_weights", "cache_shards", "cache_batch", "eval_batch",
+    ).not_protocol("class_index_json", "dinov2_weights", "cache_shards", "cache_batch", "cache_workers", "eval_batch",
                    "inception_path")  # fmt: skip
 
 
@@ -77,6 +78,7 @@ TINY = dict(
     dinov2_weights=".cache/tiny/dinov2/dinov2_tiny14_pretrain.pth",
     cache_shards=1,
     cache_batch=8,
+    cache_workers=0,
     train_steps=2,
     train_batch=2,
     train_mixed_precision="no",
@@ -166,7 +168,8 @@ class URepaPlan:
                 "--pretrained_model_name_or_path", _abs(self.v("base_model")),
                 "--vae_resolution", str(self.v("vae_resolution")), "--dino_dir", str(dino),
                 "--variant", self.v("dinov2_variant"), "--dino_resolution", str(self.v("dino_resolution")),
-                "--batch_size", str(self.v("cache_batch")), "--no_progress",
+                "--batch_size", str(self.v("cache_batch")), "--num_workers", str(self.v("cache_workers")),
+                "--no_progress",
             ]  # fmt: skip
             if self.v("dinov2_weights"):
                 args += ["--dinov2_weights", _abs(self.v("dinov2_weights"))]
