@@ -15,7 +15,7 @@ import pytest
 
 from script.reproduce import dualanodiff, urepa
 from script.reproduce.estimate import COUNT_KEYS, FP32_PEAK_TFLOPS, gpu_hours
-from script.reproduce.execute import Runner
+from script.reproduce.execute import Runner, run_single
 from script.reproduce.run import main, make_plan, resolve_args
 from script.reproduce.tables import PUBLISHED_CSV
 from script.reproduce.units import Markers, Unit
@@ -211,6 +211,16 @@ def test_markers_and_runner_skip_rerun_and_block(tmp_path):
     outcome = Runner(markers, [None], log=quiet.append).run(units)
     assert outcome.skipped == ["t/a"] and outcome.ran == ["t/d"] and a.stat().st_mtime_ns == mtime
     assert d.read_text() == "D" and (out / "b.txt").exists() is False and a.exists()
+    # one unit by name (a SLURM task): refused while a dependency is incomplete, except the report
+    by_name = {u.name: u for u in units}
+    assert run_single(units[2], by_name, markers) == 1
+    report = Unit(
+        "t/report", write, [str(out / "r.txt"), "R"], [out / "r.txt"], deps=("t/b",), always_run=True
+    )
+    assert (
+        run_single(report, {**by_name, "t/report": report}, markers) == 0
+        and (out / "r.txt").read_text() == "R"
+    )
 
 
 def test_emit_slurm_writes_arrays_by_dependency_level(tmp_path, capsys):
@@ -290,7 +300,7 @@ def test_sigterm_reaches_the_running_unit(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(
         f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom pathlib import Path\n"
-        "from script.reproduce.execute import Runner\nfrom script.reproduce.units import Markers, Unit\n"
+        "from script.reproduce.execute import Runner, run_single\nfrom script.reproduce.units import Markers, Unit\n"
         f"out = Path({str(tmp_path)!r})\n"
         f"u = Unit('t/slow', {slow!r}, [str(out / 'flag')], [out / 'never'])\n"
         "sys.exit(Runner(Markers(out), [None]).run([u]).exit_code())\n"
