@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Use generated sets whose manifests show images of several weights, weights trained for another "
         "class/defect, or different base models (refused by default; eval/manifest.py).",
     )
-    g.add_argument("--num_figure_images", type=int, default=8, help="Test images in predictions.png.")
+    g.add_argument(
+        "--num_figure_images", type=int, default=8, help="Test images in predictions.png (0: no figure)."
+    )
     g.add_argument("--skip_eval", action="store_true", help="Train only.")
     g.add_argument(
         "--note",
@@ -319,16 +321,17 @@ def evaluate(
         [[scope, *(f"{m[k]:.6f}" for k in METRIC_NAMES)] for scope, m in results.items()],
     )
     rows = _figure_rows(items, args.num_figure_images)
-    scores = image_scores_from_maps(maps[rows], args.image_score_kernel)
-    title = f"{args.class_name}: U-Net trained on {args.source} anomalies"
-    localization_figure(
-        out / "predictions.png",
-        images[rows],
-        masks[rows].float(),
-        maps[rows],
-        [f"{items[i].defect}/{items[i].image.name} score {s:.3f}" for i, s in zip(rows, scores.tolist())],
-        title + (f"\n{args.note}" if args.note else ""),
-    )
+    if rows:  # --num_figure_images 0: no predictions.png (seconds of matplotlib per job on a CPU)
+        scores = image_scores_from_maps(maps[rows], args.image_score_kernel)
+        title = f"{args.class_name}: U-Net trained on {args.source} anomalies"
+        localization_figure(
+            out / "predictions.png",
+            images[rows],
+            masks[rows].float(),
+            maps[rows],
+            [f"{items[i].defect}/{items[i].image.name} score {s:.3f}" for i, s in zip(rows, scores.tolist())],
+            title + (f"\n{args.note}" if args.note else ""),
+        )
     a = results["all"]
     logger.info(
         "%s (%s): image AUROC %.4f AP %.4f | pixel AUROC %.4f AP %.4f F1 %.4f | AU-PRO %.4f -> %s",

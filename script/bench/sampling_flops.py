@@ -38,6 +38,10 @@ SD15_SCHEDULER = dict(
     clip_sample=False,
 )
 GPUS = (1, 8, 16)
+# Assumed GPU throughput (docs/scaling.md): H100 SXM dense bf16 tensor-core peak x the MFU measured for
+# train_sd15.py on an H100 (docs/throughput.md). script/reproduce/estimate.py uses the same figures.
+H100_BF16_PEAK_TFLOPS = 989.0
+ASSUMED_UTILISATION = 0.23
 
 
 def count(fn) -> int:
@@ -159,11 +163,13 @@ def jobs(table: list[dict]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="H100 SXM dense bf16 peak (TFLOP/s).")
+    p.add_argument(
+        "--peak_tflops", type=float, default=H100_BF16_PEAK_TFLOPS, help="H100 SXM dense bf16 peak (TFLOP/s)."
+    )
     p.add_argument(
         "--utilisation",
         type=float,
-        default=0.23,
+        default=ASSUMED_UTILISATION,
         help="assumed fraction of the peak (measured training: 0.23).",
     )
     p.add_argument("--json", default=None, help="also write the numbers here")

@@ -14,32 +14,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.core.trainers import REPO
-
-ACCELERATE = [
-    str(Path(sys.executable).with_name("accelerate")),
-    "launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-]
-ACCELERATE += [
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
+from tests.workers import ACCELERATE_2, REPO, worker_env, worker_threads
 
 
 @pytest.fixture(scope="module")
@@ -180,20 +161,12 @@ def _process_or_none(pid: int):
 
 
 def _one_process(argv: list[str]) -> None:
-    """The 1-process reference, run as its own process with the workers' environment (one thread): CPU kernels
-    round differently with another thread count, which is not what these tests compare."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "eval" / "generate.py"), *argv, "--device", "cpu"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The 1-process reference, in this process at the workers' thread count (tests/workers.py): CPU kernels
+    round differently at another count, which is not what these tests compare."""
+    import eval.generate as gen
 
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    with worker_threads():
+        gen.main([*argv, "--device", "cpu"])
 
 
 def test_accelerate_two_processes_write_the_same_bytes(tiny_assets, dual_weights, tmp_path):
@@ -202,9 +175,9 @@ def test_accelerate_two_processes_write_the_same_bytes(tiny_assets, dual_weights
     _one_process(argv)
     argv = stage_argv("stage2", tiny_assets, dual_weights, tmp_path / "two", 5, "--scheduler", "ddpm")
     proc = subprocess.run(
-        [*ACCELERATE, str(REPO / "eval" / "generate.py"), *argv],
+        [*ACCELERATE_2, str(REPO / "eval" / "generate.py"), *argv],
         cwd=REPO,
-        env=_env(),
+        env=worker_env(),
         capture_output=True,
         text=True,
     )
@@ -219,11 +192,13 @@ def test_killed_two_process_job_resumes_to_the_same_set(tiny_assets, lora_dir, t
     _one_process(stage_argv("stage1", tiny_assets, lora_dir, tmp_path / "one", num))
     out = tmp_path / "two"
     cmd = [
-        *ACCELERATE,
+        *ACCELERATE_2,
         str(REPO / "eval" / "generate.py"),
         *stage_argv("stage1", tiny_assets, lora_dir, out, num),
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=worker_env(), stderr=subprocess.DEVNULL, start_new_session=True
+    )
     folder = out / "hazelnut" / "full"
     deadline = time.monotonic() + 300
     while len(list(folder.glob("*.png"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
@@ -242,7 +217,7 @@ def test_killed_two_process_job_resumes_to_the_same_set(tiny_assets, lora_dir, t
     assert 2 <= made < num, made
     (folder / ".0011.png.crash.tmp").mkdir()  # what a kill inside atomic_write leaves behind
     (folder / ".0011.png.crash.tmp" / "0011.png").write_bytes(b"partial")
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming: {made} of {num} already exist" in proc.stderr
     assert files(tmp_path / "one") == files(out)  # every index once, same bytes, no partial file left

@@ -4,16 +4,15 @@
 * a crafted pickle in a checkpoint is never executed on resume;
 * non-finite gradients are skipped, counted, and stop the run after K in a row; the checkpoint stays finite;
 * ``accelerate launch --multi_gpu --num_processes 2`` on CPU: one process group, each step logged once, the LR
-  at every step equal to the 1-process schedule, and a checkpoint that a 1-process run resumes from.
+  at every step equal to the 1-process schedule, and a checkpoint that a 1-process run resumes from (every
+  trainer one after another in one launch: tests/core/two_process_driver.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.core.trainers import HEAVY, REPO, TRAINERS
+from tests.workers import ACCELERATE_2, worker_env
 
 NAMES = sorted(TRAINERS)
 LIGHT = sorted(set(TRAINERS) - HEAVY)
@@ -44,12 +44,25 @@ def weights(out: Path, name: str, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"checkpoint-{step}" / TRAINERS[name].weights_file))
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tiny_assets, tmp_path_factory):
+    """``one_process_run(name)``: the output of a fresh in-process run of ``STEPS`` steps, made once per module
+    (first_run and the 2-process test's 1-process schedule read the same run)."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp(name) / "a"
+            run(name, tiny_assets, made[name])
+        return made[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=LIGHT)
-def first_run(request, tiny_assets, tmp_path_factory):
+def first_run(request, one_process_run):
     """One fresh run per trainer, shared by the tests below."""
-    out = tmp_path_factory.mktemp(request.param) / "a"
-    run(request.param, tiny_assets, out)
-    return request.param, out
+    return request.param, one_process_run(request.param)
 
 
 def test_fresh_runs_are_identical_and_limit_one_keeps_one(first_run, tiny_assets, tmp_path):
@@ -124,27 +137,36 @@ def test_nonfinite_steps_are_skipped_then_stop(first_run, tiny_assets, tmp_path,
     assert json.loads((ckpts[0] / "trainer_state.json").read_text())["skipped_steps"] == 1
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_assets, tmp_path_factory) -> Path:
+    """Every trainer for ``STEPS`` steps under ``accelerate launch --multi_gpu --num_processes 2`` on CPU, one
+    after another in ONE launch (tests/core/two_process_driver.py): the launcher, the two interpreters and the
+    process group once instead of once per trainer. ``<name>/`` holds each run, ``<name>.error`` a failure."""
+    root = tmp_path_factory.mktemp("ddp")
+    jobs = [
+        {"name": n, "script": str(REPO / t.script), "argv": t.argv(tiny_assets, root / n, STEPS, None, ())}
+        for n, t in sorted(TRAINERS.items())
+    ]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [*ACCELERATE_2, str(REPO / "tests" / "core" / "two_process_driver.py"), str(root / "jobs.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=1500)
+    (root / "launch.stderr").write_text(proc.stderr)
+    return root
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_two_processes_on_cpu(name, tiny_assets, tmp_path):
-    out = tmp_path / "ddp"
-    t = TRAINERS[name]
-    cmd = [
-        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / t.script), *t.argv(tiny_assets, out, STEPS, None, ()),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_two_processes_on_cpu(name, two_process_runs, one_process_run, tiny_assets):
+    out = two_process_runs / name
+    error = two_process_runs / f"{name}.error"
+    assert not error.exists(), error.read_text()[-4000:]
+    assert (out / "losses.jsonl").is_file(), (two_process_runs / "launch.stderr").read_text()[-4000:]
     rows = log_rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one writer: each step once
     ckpt = out / f"checkpoint-{STEPS}"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert all(torch.isfinite(v).all() for v in weights(out, name, STEPS).values())
     # the LR at each step is the 1-process schedule's (cosine with warm-up), not advanced twice as fast
-    single = tmp_path / "single"
-    run(name, tiny_assets, single)
-    lr1 = [r["lr"] for r in log_rows(single)]
+    lr1 = [r["lr"] for r in log_rows(one_process_run(name))]
     assert [r["lr"] for r in rows] == pytest.approx(lr1, rel=1e-9)
     assert len(set(lr1)) == STEPS  # warm-up then cosine: a different LR at every step
     # a 1-process run resumes the 2-process checkpoint

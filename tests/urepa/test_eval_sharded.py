@@ -13,33 +13,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.core.trainers import REPO
-
-ACCELERATE = [
-    str(Path(sys.executable).with_name("accelerate")),
-    "launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-]
-ACCELERATE += [
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
+from tests.workers import ACCELERATE_2, REPO, worker_env, worker_threads
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +81,9 @@ def result(out: Path, run: Path, step: int = 2) -> dict:
 
 
 def _subprocess_env(tmp_path: Path) -> dict[str, str]:
-    """One torch thread per process, and this test's fast matrix square root (tests/fast_sqrtm.py) in the
-    subprocesses too: a sitecustomize that loads it by path (``import tests...`` would find torch-fidelity's
-    top-level ``tests`` package there, and a failing sitecustomize only prints a line)."""
+    """The workers' environment (tests/workers.py) with this test's fast matrix square root (tests/fast_sqrtm.py)
+    in the subprocesses too: a sitecustomize that loads it by path (``import tests...`` would find
+    torch-fidelity's top-level ``tests`` package there, and a failing sitecustomize only prints a line)."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(
@@ -112,23 +92,7 @@ def _subprocess_env(tmp_path: Path) -> dict[str, str]:
         "module = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(module)\n"
         "cleanfid.fid.linalg.sqrtm = module.trace_preserving_sqrtm\n"
     )
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=f"{site}{os.pathsep}{REPO}")
-
-
-@contextmanager
-def torch_threads(n: int):
-    """This process at the subprocesses' thread count (OMP_NUM_THREADS=1 above), torch's and numpy's BLAS: the
-    CPU kernels round differently at other counts (torch: the samples, whose folder key holds the count,
-    eval/evaluate_sd15.py; numpy: the last digits of the statistics behind FID/sFID)."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    return worker_env(PYTHONPATH=f"{site}{os.pathsep}{REPO}")
 
 
 def test_two_processes_write_what_one_writes_and_resume(
@@ -138,7 +102,7 @@ def test_two_processes_write_what_one_writes_and_resume(
 
     ckpt = tiny_runs["aligned"] / "checkpoint-2"
     two = tmp_path / "two"
-    cmd = [*ACCELERATE, str(REPO / "eval" / "evaluate_sd15.py"), "--checkpoints", str(ckpt)]
+    cmd = [*ACCELERATE_2, str(REPO / "eval" / "evaluate_sd15.py"), "--checkpoints", str(ckpt)]
     proc = subprocess.run(
         [*cmd, *eval_argv(tiny_assets, tmp_path, two)],
         cwd=REPO,
@@ -151,7 +115,7 @@ def test_two_processes_write_what_one_writes_and_resume(
     assert len(samples(two)) == 5 and len(features(two)) == 3  # batches [0,1] [2,3] [4]
 
     one = tmp_path / "one"  # one process, uninterrupted, with the workers' thread count
-    with torch_threads(1):
+    with worker_threads():
         ev.main(["--checkpoints", str(ckpt), *eval_argv(tiny_assets, tmp_path, one)])
     assert samples(one) == samples(two) and same_features(features(one), features(two))
     r1, r2 = result(one, ckpt.parent), result(two, ckpt.parent)
@@ -166,7 +130,7 @@ def test_two_processes_write_what_one_writes_and_resume(
             raise KeyboardInterrupt
         original(image, path)
 
-    with torch_threads(1):
+    with worker_threads():
         monkeypatch.setattr(ev, "_save_uint8_png", die_at_3)
         with pytest.raises(KeyboardInterrupt):
             ev.main(["--checkpoints", str(ckpt), *eval_argv(tiny_assets, tmp_path, three)])
@@ -194,12 +158,15 @@ def test_sample_folder_key_holds_the_cpu_thread_count(tiny_assets, tmp_path):
 
     lm = SimpleNamespace(ckpt=tmp_path / "run" / "checkpoint-2", step=2)
     args = ev.parse_args([*eval_argv(tiny_assets, tmp_path, tmp_path / "out"), "--checkpoints", "x"])
-    folders = {}
-    for device in ("cpu", "cuda"):
-        args.device = device
-        for n in (1, 2):
-            with torch_threads(n):
+    folders, before = {}, torch.get_num_threads()
+    try:
+        for device in ("cpu", "cuda"):
+            args.device = device
+            for n in (1, 2):
+                torch.set_num_threads(n)
                 folders[device, n] = ev.sample_folder(lm, args, tmp_path)
+    finally:
+        torch.set_num_threads(before)
     assert folders["cpu", 1] != folders["cpu", 2] and folders["cuda", 1] == folders["cuda", 2]
     assert folders["cpu", 1].parent == folders["cuda", 1].parent == tmp_path / "run"
 

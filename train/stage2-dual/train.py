@@ -127,10 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(stage2_parser(), argv)
     stage1_ckpt, stage2_ckpt = resolve_start(args)
     # the core resumes stage-2 checkpoints only; a stage-1 checkpoint initialises the LoRA (below)
+    resume = str(stage2_ckpt) if stage2_ckpt is not None else None
+    if (
+        resume is None
+        and args.resume_from_checkpoint
+        and find_latest_checkpoint(Path(args.output_dir)) is None
+    ):
+        # resume asked for, nothing to resume yet: a fresh start (the core's "latest" without a checkpoint), also
+        # over the losses.jsonl of a run killed before its first checkpoint, which the core would otherwise refuse
+        resume = "latest"
     cfg = core_config_from_args(
         args,
         "stage2-dual",
-        resume_from_checkpoint=str(stage2_ckpt) if stage2_ckpt is not None else None,
+        resume_from_checkpoint=resume,
         overwrite_output_dir=args.overwrite_output_dir or args.restart_from_stage1,
     )
     accelerator = make_accelerator(cfg)
