@@ -135,19 +135,9 @@ def build_models(resolution: int, device: str, with_unet: bool) -> SimpleNamespa
                     target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                 )
             )
-        m.vae = AutoencoderKL(  # stable-diffusion-v1-5/stable-diffusion-v1-5 vae/config.json
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            act_fn="silu",
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
+        from script.bench.bench_urepa_step import SD15_VAE_CONFIG
+
+        m.vae = AutoencoderKL(**SD15_VAE_CONFIG, scaling_factor=0.18215)
         m.vae.requires_grad_(False).eval()
         m.taesd = AutoencoderTiny().requires_grad_(False).eval()  # defaults = madebyollin/taesd's config
         m.dino = DINOv2Encoder(variant="vitb14", resolution=224, input_range="-1_1").model

@@ -39,6 +39,19 @@ SD15_UNET_CONFIG = dict(
     downsample_padding=1,
     mid_block_scale_factor=1,
 )
+# stable-diffusion-v1-5's vae/config.json (84M params), for FLOP counts and benchmarks without weights
+SD15_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    act_fn="silu",
+    sample_size=512,
+)
 
 
 def main() -> None:

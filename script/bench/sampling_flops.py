@@ -58,7 +58,7 @@ def model_flops() -> dict[str, int]:
 
     from eval.inception import build_fid_inception_v3
     from models.dual_lora import DualLoRAUNet
-    from script.bench.bench_urepa_step import SD15_UNET_CONFIG
+    from script.bench.bench_urepa_step import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     out = {}
     with torch.device("meta"):
@@ -75,17 +75,7 @@ def model_flops() -> dict[str, int]:
         out["unet_stage1_lora4"] = count(lambda: unet(x, t, ehs))
         dual = DualLoRAUNet(UNet2DConditionModel(**SD15_UNET_CONFIG), rank=4, interaction_preset="official")
         out["dual_unet_pair"] = count(lambda: dual(x, x, t, ehs, ehs))
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-        )
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
         out["vae_decode"] = count(lambda: vae.decode(x))
         inception = build_fid_inception_v3().eval()
         out["inception_299"] = count(lambda: inception(torch.zeros(1, 3, 299, 299)))

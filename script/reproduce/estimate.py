@@ -114,7 +114,7 @@ def count_flops() -> dict[str, float]:
     counts["train_unet_lora32"] = dino["unet_step"]
     counts["dinov2_term_default"] = dino["fast_p05"]
     counts["dinov2_term_reference"] = dino["reference"]
-    from script.bench.bench_urepa_step import SD15_UNET_CONFIG
+    from script.bench.bench_urepa_step import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     with torch.device("meta"):
         x = torch.zeros(1, 4, 64, 64)
@@ -135,17 +135,7 @@ def count_flops() -> dict[str, float]:
             verbose=False,
         )
         counts["train_urepa"] = _fwd_bwd(lambda: aligned(x, t, ehs))
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-        )
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
         counts["vae_encode_512"] = _fwd(lambda: vae.encode(torch.zeros(1, 3, 512, 512)))
         vitl = DINOv2Encoder(variant="vitl14", resolution=224).model
         counts["dinov2_vitl14_224"] = _fwd(lambda: vitl(torch.zeros(1, 3, 224, 224)))
