@@ -13,8 +13,7 @@ tiny assets the real held-out defects are not a learning signal: the random SD d
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> dict:
-    spec = importlib.util.spec_from_file_location("replica_anomaly", REPO / "script/replicas/anomaly.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = importlib.import_module("script.replicas.anomaly")
     out = tmp_path_factory.mktemp("anomaly_quick")
     result = module.main(["--quick", "--seeds", "0", "--out", str(out), "--threads", "1"])
     result["out"] = out

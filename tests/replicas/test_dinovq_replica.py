@@ -9,8 +9,7 @@ seed) by at least 3 dB; with the DINO term, its loss falls by at least 10 %.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> dict:
-    spec = importlib.util.spec_from_file_location("replica_dinovq", REPO / "script/replicas/dinovq.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = importlib.import_module("script.replicas.dinovq")
     out = tmp_path_factory.mktemp("dinovq_quick")
     result = module.main(["--quick", "--seeds", "0", "--out", str(out), "--threads", "1"])
     result["out"] = out

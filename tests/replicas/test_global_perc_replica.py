@@ -6,21 +6,15 @@ stated margins; a loss that does not reach the optimizer, or a head file that is
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def load_replica(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"replica_{name}", REPO / "script" / "replicas" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The replica script as a module (script/ is a namespace package on the repo root)."""
+    return importlib.import_module(f"script.replicas.{name}")
 
 
 def test_global_perc_quick_mode_learns(tmp_path, tiny_assets):
